@@ -1,0 +1,223 @@
+// Gram-family kernels: one read of X builds the raw Gram (and row l1 norms); the n x n head runs on
+// it in registers; the pullback dX = A X + beta ⊙ sign(X) is one read of X and one write of dX.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "heads.h"
+#include "kernels.h"
+#include "tile.h"
+
+namespace fastdiv::cpu {
+
+void check_rows(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "fastdiv::", op, ": x must be [B, n, D], got ", x.dim(), " dims");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   "fastdiv::", op, ": x must be float32, float64, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "fastdiv::", op, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.size(2) <= 1 || x.stride(2) == 1, "fastdiv::", op,
+                    ": x needs unit stride on the feature dim, got stride ", x.stride(2));
+}
+
+namespace {
+
+// Accumulates the raw Gram of batch element b into S (n x n, double) and row l1 norms into l1.
+template <typename T>
+void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile, double* S,
+              double* l1) {
+  using A = acc_t<T>;
+  std::fill(S, S + n * n, 0.0);
+  if (l1) std::fill(l1, l1 + n, 0.0);
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+    const int64_t len = std::min(kTile, d - d0);
+    load_tile(x, b, n, d0, len, tile);
+    for (int64_t i = 0; i < n; ++i) {
+      const A* xi = tile + i * len;
+      for (int64_t j = 0; j <= i; ++j) S[i * n + j] += static_cast<double>(dot(xi, tile + j * len, len));
+      if (l1) l1[i] += static_cast<double>(abs_sum(xi, len));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) S[j * n + i] = S[i * n + j];
+}
+
+template <typename T>
+void gram_kernel(const at::Tensor& x, at::Tensor& s, at::Tensor& l1) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  A* s_out = s.data_ptr<A>();
+  A* l1_out = l1.numel() ? l1.data_ptr<A>() : nullptr;
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile);
+    std::vector<double> S(n * n), L1(n);
+    for (int64_t b = begin; b < end; ++b) {
+      gram_one(rows, b, n, d, tile.data(), S.data(), l1_out ? L1.data() : nullptr);
+      for (int64_t i = 0; i < n * n; ++i) s_out[b * n * n + i] = static_cast<A>(S[i]);
+      if (l1_out)
+        for (int64_t i = 0; i < n; ++i) l1_out[b * n + i] = static_cast<A>(L1[i]);
+    }
+  });
+}
+
+template <typename T>
+void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor* beta, at::Tensor& dx) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  const A* a_in = a.const_data_ptr<A>();
+  const A* beta_in = beta ? beta->const_data_ptr<A>() : nullptr;
+  T* out = dx.data_ptr<T>();
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile), acc(kTile);
+    for (int64_t b = begin; b < end; ++b) {
+      const A* ab = a_in + b * n * n;
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+        const int64_t len = std::min(kTile, d - d0);
+        load_tile(rows, b, n, d0, len, tile.data());
+        for (int64_t i = 0; i < n; ++i) {
+          A* o = acc.data();
+          const A* xi = tile.data() + i * len;
+          const A bi = beta_in ? beta_in[b * n + i] : A(0);
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) o[k] = bi * sign(xi[k]);
+          for (int64_t j = 0; j < n; ++j) {
+            const A aij = ab[i * n + j];
+            const A* xj = tile.data() + j * len;
+#pragma omp simd
+            for (int64_t k = 0; k < len; ++k) o[k] += aij * xj[k];
+          }
+          T* dst = out + (b * n + i) * d + d0;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<T>(o[k]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at::Tensor& loss,
+                      at::Tensor& a, at::Tensor& beta) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  const bool with_l1 = head == Head::kSparsity;
+  A* loss_out = loss.data_ptr<A>();
+  A* a_out = a.data_ptr<A>();
+  A* beta_out = beta.numel() ? beta.data_ptr<A>() : nullptr;
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile);
+    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(head_workspace(n));
+    for (int64_t b = begin; b < end; ++b) {
+      gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr);
+      loss_out[b] = static_cast<A>(
+          head_forward(head, S.data(), L1.data(), n, d, prm, Ab.data(), betab.data(), work.data()));
+      for (int64_t i = 0; i < n * n; ++i) a_out[b * n * n + i] = static_cast<A>(Ab[i]);
+      if (beta_out)
+        for (int64_t i = 0; i < n; ++i) beta_out[b * n + i] = static_cast<A>(betab[i]);
+    }
+  });
+}
+
+// One read of X from memory per input: the Gram tiles, then the column means of u from the same
+// n x D slab (still in cache for the paper sizes) for the l_q-MRL.
+template <typename T>
+void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  A* o = out.data_ptr<A>();
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile);
+    std::vector<double> S(n * n), inv_r(n), stats(5), work(head_workspace(n));
+    for (int64_t b = begin; b < end; ++b) {
+      gram_one(rows, b, n, d, tile.data(), S.data(), nullptr);
+      gram_statistics(S.data(), n, d, prm, stats.data(), work.data());
+      for (int64_t i = 0; i < n; ++i)
+        inv_r[i] = 1.0 / std::max(std::sqrt(std::max(S[i * n + i], 0.0)), prm.eps);
+      double acc_q = 0;  // sum_d |m_d|^q, or max_d |m_d| for q = inf
+      bool has_nan = false;
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+        const int64_t len = std::min(kTile, d - d0);
+        load_tile(rows, b, n, d0, len, tile.data());
+        for (int64_t k = 0; k < len; ++k) {
+          double m = 0;
+          for (int64_t i = 0; i < n; ++i) m += static_cast<double>(tile[i * len + k]) * inv_r[i];
+          m = std::abs(m / static_cast<double>(n));
+          has_nan |= std::isnan(m);
+          acc_q = std::isinf(q) ? std::max(acc_q, m) : acc_q + std::pow(m, q);
+        }
+      }
+      const double rho_q = has_nan ? NAN : (std::isinf(q) ? acc_q : std::pow(acc_q, 1.0 / q));
+      const double row[6] = {stats[0], rho_q, stats[1], stats[2], stats[3], stats[4]};
+      for (int64_t k = 0; k < 6; ++k) o[b * 6 + k] = static_cast<A>(row[k]);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
+  check_rows(x, "gram");
+  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  at::Tensor s = at::empty({x.size(0), x.size(1), x.size(1)}, opts);
+  at::Tensor l1 = at::empty({x.size(0), with_l1 ? x.size(1) : 0}, opts);
+  FASTDIV_DISPATCH(x, "fastdiv::gram", [&] { gram_kernel<scalar_t>(x, s, l1); });
+  return {s, l1};
+}
+
+at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta) {
+  check_rows(x, "gram_pullback");
+  const int64_t B = x.size(0), n = x.size(1);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  TORCH_CHECK_VALUE(a.sizes() == at::IntArrayRef({B, n, n}) && a.scalar_type() == acc,
+                    "fastdiv::gram_pullback: a must be [", B, ", ", n, ", ", n, "] of ", acc, ", got ",
+                    a.sizes(), " of ", a.scalar_type());
+  const at::Tensor ac = a.contiguous();
+  at::Tensor bc;
+  const bool use_beta = beta.has_value() && beta->numel() > 0;
+  if (use_beta) {
+    TORCH_CHECK_VALUE(beta->sizes() == at::IntArrayRef({B, n}) && beta->scalar_type() == acc,
+                      "fastdiv::gram_pullback: beta must be [", B, ", ", n, "] of ", acc, ", got ",
+                      beta->sizes(), " of ", beta->scalar_type());
+    bc = beta->contiguous();
+  }
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  FASTDIV_DISPATCH(x, "fastdiv::gram_pullback",
+                   [&] { pullback_kernel<scalar_t>(x, ac, use_beta ? &bc : nullptr, dx); });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
+                                                         double eps, double jitter, double p,
+                                                         double rho_max) {
+  check_rows(x, "gram_loss");
+  const Head h = parse_head(head);
+  const int64_t B = x.size(0), n = x.size(1);
+  TORCH_CHECK_VALUE(n >= 2, "fastdiv::gram_loss: needs n >= 2 samples, got n = ", n);
+  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  at::Tensor loss = at::empty({B}, opts);
+  at::Tensor a = at::empty({B, n, n}, opts);
+  at::Tensor beta = at::empty({B, h == Head::kSparsity ? n : 0}, opts);
+  const HeadParams prm{eps, jitter, p, rho_max};
+  FASTDIV_DISPATCH(x, "fastdiv::gram_loss", [&] { gram_loss_kernel<scalar_t>(x, h, prm, loss, a, beta); });
+  return {loss, a, beta};
+}
+
+at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {
+  check_rows(x, "concentration_stats");
+  TORCH_CHECK_VALUE(x.size(1) >= 2, "fastdiv::concentration_stats: needs n >= 2 samples, got n = ",
+                    x.size(1));
+  TORCH_CHECK_VALUE(q >= 1, "fastdiv::concentration_stats: q must be >= 1, got ", q);
+  at::Tensor out = at::empty({x.size(0), 6}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  const HeadParams prm{eps, jitter, 0.0, rho_max};
+  FASTDIV_DISPATCH(x, "fastdiv::concentration_stats", [&] { stats_kernel<scalar_t>(x, q, prm, out); });
+  return out;
+}
+
+}  // namespace fastdiv::cpu

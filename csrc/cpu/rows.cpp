@@ -1,0 +1,265 @@
+// Kernels on unit rows u_i = x_i / r_i, r_i = max(||x_i||, eps): normalization and the per-column
+// statistics behind the Diverse-Directions variance penalties (DESIGN.md §2).
+//
+// Pullbacks share one rule. With G = dL/du, the derivative through the normalization is
+// dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i for rows above the floor and G_i / eps below it (there r_i is
+// the constant eps). Each kernel first reduces <G_i, u_i> over a batch element's slab and then writes
+// dX from the same slab, which is still in cache.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+#include "tile.h"
+
+namespace fastdiv::cpu {
+namespace {
+
+struct RowNorm {
+  double inv_r;  // 1 / max(||x||, eps)
+  bool active;   // ||x|| > eps: the norm depends on x
+};
+
+inline RowNorm row_norm(double sumsq, double eps) {
+  const double norm = std::sqrt(sumsq);
+  const bool active = norm > eps;
+  // NaN rows keep a NaN scale so the NaN reaches the output.
+  return {std::isnan(norm) ? norm : 1.0 / (active ? norm : eps), active};
+}
+
+template <typename T>
+double row_sumsq(const T* row, int64_t d, acc_t<T>* tile) {
+  double s = 0;
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+    const int64_t len = std::min(kTile, d - d0);
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) tile[k] = static_cast<acc_t<T>>(row[d0 + k]);
+    s += static_cast<double>(dot(tile, tile, len));
+  }
+  return s;
+}
+
+template <typename T>
+void normalize_kernel(const at::Tensor& x, double eps, at::Tensor& u) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  T* out = u.data_ptr<T>();
+  at::parallel_for(0, B * n, batch_grain(1, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(kTile);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* src = rows.row(row / n, row % n);
+      const A inv_r = static_cast<A>(row_norm(row_sumsq(src, d, tile.data()), eps).inv_r);
+      T* dst = out + row * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<T>(static_cast<A>(src[k]) * inv_r);
+    }
+  });
+}
+
+template <typename T>
+void normalize_pullback_kernel(const at::Tensor& x, const at::Tensor& g, double eps, at::Tensor& dx) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  const T* gin = g.const_data_ptr<T>();
+  T* out = dx.data_ptr<T>();
+  at::parallel_for(0, B * n, batch_grain(1, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> xt(kTile), gt(kTile);
+    for (int64_t row = begin; row < end; ++row) {
+      const T* xr = rows.row(row / n, row % n);
+      const T* gr = gin + row * d;
+      double sumsq = 0, gx = 0;
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+        const int64_t len = std::min(kTile, d - d0);
+        for (int64_t k = 0; k < len; ++k) xt[k] = static_cast<A>(xr[d0 + k]), gt[k] = static_cast<A>(gr[d0 + k]);
+        sumsq += static_cast<double>(dot(xt.data(), xt.data(), len));
+        gx += static_cast<double>(dot(gt.data(), xt.data(), len));
+      }
+      const RowNorm rn = row_norm(sumsq, eps);
+      const A inv_r = static_cast<A>(rn.inv_r);
+      // <G, u> u / r = <G, x> x / r^3
+      const A proj = rn.active ? static_cast<A>(gx * rn.inv_r * rn.inv_r) : A(0);
+      T* dst = out + row * d;
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k)
+        dst[k] = static_cast<T>((static_cast<A>(gr[k]) - proj * static_cast<A>(xr[k])) * inv_r);
+    }
+  });
+}
+
+template <typename T>
+void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Tensor& mean, at::Tensor& var) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  A* r_out = r.data_ptr<A>();
+  A* m_out = mean.data_ptr<A>();
+  A* v_out = var.data_ptr<A>();
+  const A inv_n = A(1) / static_cast<A>(n);
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile), inv_r(n);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = 0; i < n; ++i) {
+        const RowNorm rn = row_norm(row_sumsq(rows.row(b, i), d, tile.data()), eps);
+        inv_r[i] = static_cast<A>(rn.inv_r);
+        r_out[b * n + i] = static_cast<A>(1.0 / rn.inv_r);
+      }
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+        const int64_t len = std::min(kTile, d - d0);
+        load_tile(rows, b, n, d0, len, tile.data());
+        A* m = m_out + b * d + d0;
+        A* v = v_out + b * d + d0;
+        for (int64_t k = 0; k < len; ++k) m[k] = 0, v[k] = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const A* xi = tile.data() + i * len;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) m[k] += xi[k] * inv_r[i];
+        }
+        for (int64_t k = 0; k < len; ++k) m[k] *= inv_n;
+        // Two-pass variance: E[(u - m)^2] avoids the cancellation of E[u^2] - m^2.
+        for (int64_t i = 0; i < n; ++i) {
+          const A* xi = tile.data() + i * len;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) {
+            const A t = xi[k] * inv_r[i] - m[k];
+            v[k] += t * t;
+          }
+        }
+        for (int64_t k = 0; k < len; ++k) v[k] *= inv_n;
+      }
+    }
+  });
+}
+
+// G_id = dL/du_id = g_mean_d / n + g_var_d * 2 (u_id - m_d) / n (+ g_r_i x_id / r_i via the norm).
+template <typename T>
+void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& mean,
+                                  const at::Tensor* g_r, const at::Tensor* g_mean, const at::Tensor* g_var,
+                                  double eps, at::Tensor& dx) {
+  using A = acc_t<T>;
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto rows = rows_of<T>(x);
+  const A* r_in = r.const_data_ptr<A>();
+  const A* m_in = mean.const_data_ptr<A>();
+  const A* gr_in = g_r ? g_r->const_data_ptr<A>() : nullptr;
+  const A* gm_in = g_mean ? g_mean->const_data_ptr<A>() : nullptr;
+  const A* gv_in = g_var ? g_var->const_data_ptr<A>() : nullptr;
+  T* out = dx.data_ptr<T>();
+  const A inv_n = A(1) / static_cast<A>(n);
+  const A eps_a = static_cast<A>(eps);
+  at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> tile(n * kTile), G(kTile);
+    std::vector<double> c(n);
+    // dL/du for row i over columns [d0, d0 + len) into G.
+    auto fill_g = [&](int64_t b, int64_t i, int64_t d0, int64_t len, const A* xi, A inv_r) {
+      const A* m = m_in + b * d + d0;
+      const A* gm = gm_in ? gm_in + b * d + d0 : nullptr;
+      const A* gv = gv_in ? gv_in + b * d + d0 : nullptr;
+      for (int64_t k = 0; k < len; ++k) {
+        A gk = gm ? gm[k] * inv_n : A(0);
+        if (gv) gk += gv[k] * A(2) * inv_n * (xi[k] * inv_r - m[k]);
+        G[k] = gk;
+      }
+    };
+    for (int64_t b = begin; b < end; ++b) {
+      const A* rb = r_in + b * n;
+      std::fill(c.begin(), c.end(), 0.0);
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 1: c_i = <G_i, u_i>
+        const int64_t len = std::min(kTile, d - d0);
+        load_tile(rows, b, n, d0, len, tile.data());
+        for (int64_t i = 0; i < n; ++i) {
+          const A* xi = tile.data() + i * len;
+          fill_g(b, i, d0, len, xi, A(1) / rb[i]);
+          c[i] += static_cast<double>(dot(G.data(), xi, len)) / static_cast<double>(rb[i]);
+        }
+      }
+      for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 2: write dX
+        const int64_t len = std::min(kTile, d - d0);
+        load_tile(rows, b, n, d0, len, tile.data());
+        for (int64_t i = 0; i < n; ++i) {
+          const A* xi = tile.data() + i * len;
+          const A inv_r = A(1) / rb[i];
+          const bool active = rb[i] > eps_a;
+          fill_g(b, i, d0, len, xi, inv_r);
+          // Active rows: (G - c u) / r + g_r u; u = x / r.
+          const A cu = active ? static_cast<A>(c[i]) * inv_r : A(0);
+          const A gr = (active && gr_in) ? gr_in[b * n + i] : A(0);
+          T* dst = out + (b * n + i) * d + d0;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k)
+            dst[k] = static_cast<T>((G[k] - cu * xi[k]) * inv_r + gr * xi[k] * inv_r);
+        }
+      }
+    }
+  });
+}
+
+void check_acc(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType acc, const char* op,
+               const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == acc, "fastdiv::", op, ": ", name,
+                    " must be ", shape, " of ", acc, ", got ", t.sizes(), " of ", t.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor normalize(const at::Tensor& x, double eps) {
+  check_rows(x, "normalize");
+  at::Tensor u = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  FASTDIV_DISPATCH(x, "fastdiv::normalize", [&] { normalize_kernel<scalar_t>(x, eps, u); });
+  return u;
+}
+
+at::Tensor normalize_pullback(const at::Tensor& x, const at::Tensor& grad, double eps) {
+  check_rows(x, "normalize_pullback");
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+                    "fastdiv::normalize_pullback: grad must match x (", x.sizes(), " of ",
+                    x.scalar_type(), "), got ", grad.sizes(), " of ", grad.scalar_type());
+  const at::Tensor g = grad.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  FASTDIV_DISPATCH(x, "fastdiv::normalize_pullback", [&] { normalize_pullback_kernel<scalar_t>(x, g, eps, dx); });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats(const at::Tensor& x, double eps) {
+  check_rows(x, "column_stats");
+  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  at::Tensor r = at::empty({x.size(0), x.size(1)}, opts);
+  at::Tensor mean = at::empty({x.size(0), x.size(2)}, opts);
+  at::Tensor var = at::empty({x.size(0), x.size(2)}, opts);
+  FASTDIV_DISPATCH(x, "fastdiv::column_stats", [&] { column_stats_kernel<scalar_t>(x, eps, r, mean, var); });
+  return {r, mean, var};
+}
+
+at::Tensor column_stats_pullback(const at::Tensor& x, const at::Tensor& r, const at::Tensor& mean,
+                                 const std::optional<at::Tensor>& grad_r,
+                                 const std::optional<at::Tensor>& grad_mean,
+                                 const std::optional<at::Tensor>& grad_var, double eps) {
+  constexpr const char* op = "column_stats_pullback";
+  check_rows(x, op);
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  check_acc(r, {B, n}, acc, op, "r");
+  check_acc(mean, {B, d}, acc, op, "mean");
+  // Contiguous copies of whichever gradients autograd produced (undefined ones count as zero).
+  auto prepare = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name,
+                     at::Tensor& keep) -> const at::Tensor* {
+    if (!g.has_value() || !g->defined()) return nullptr;
+    check_acc(*g, shape, acc, op, name);
+    keep = g->contiguous();
+    return &keep;
+  };
+  at::Tensor gr, gm, gv;
+  const at::Tensor* pgr = prepare(grad_r, {B, n}, "grad_r", gr);
+  const at::Tensor* pgm = prepare(grad_mean, {B, d}, "grad_mean", gm);
+  const at::Tensor* pgv = prepare(grad_var, {B, d}, "grad_var", gv);
+  const at::Tensor rc = r.contiguous(), mc = mean.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  FASTDIV_DISPATCH(x, "fastdiv::column_stats_pullback", [&] {
+    column_stats_pullback_kernel<scalar_t>(x, rc, mc, pgr, pgm, pgv, eps, dx);
+  });
+  return dx;
+}
+
+}  // namespace fastdiv::cpu

@@ -1,0 +1,32 @@
+// Op schemas of the fastdiv library and their CPU registrations. CUDA registrations live in
+// csrc/cuda/ (CUDA builds only); fake (meta) kernels and autograd are registered from Python in
+// fastdiv/ops/, so every op works under torch.compile.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(fastdiv, m) {
+  // x is [B, n, D] in every op: B inputs, n gradient samples each, D features (unit stride).
+  m.def("gram(Tensor x, bool with_l1) -> (Tensor, Tensor)");
+  m.def("gram_pullback(Tensor x, Tensor a, Tensor? beta) -> Tensor");
+  m.def("gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> (Tensor, Tensor, Tensor)");
+  m.def("concentration_stats(Tensor x, float q, float eps, float jitter, float rho_max) -> Tensor");
+  m.def("normalize(Tensor x, float eps) -> Tensor");
+  m.def("normalize_pullback(Tensor x, Tensor grad, float eps) -> Tensor");
+  m.def("column_stats(Tensor x, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "column_stats_pullback(Tensor x, Tensor r, Tensor mean, Tensor? grad_r, Tensor? grad_mean, "
+      "Tensor? grad_var, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdiv, CPU, m) {
+  namespace cpu = fastdiv::cpu;
+  m.impl("gram", &cpu::gram);
+  m.impl("gram_pullback", &cpu::gram_pullback);
+  m.impl("gram_loss", &cpu::gram_loss);
+  m.impl("concentration_stats", &cpu::concentration_stats);
+  m.impl("normalize", &cpu::normalize);
+  m.impl("normalize_pullback", &cpu::normalize_pullback);
+  m.impl("column_stats", &cpu::column_stats);
+  m.impl("column_stats_pullback", &cpu::column_stats_pullback);
+}

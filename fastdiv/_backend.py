@@ -1,0 +1,89 @@
+"""Which compiled kernels exist, and which backend an op runs on.
+
+Backends: 'cpu' (C++ kernels of fastdiv._C), 'cuda' (CUDA kernels of fastdiv._C, CUDA builds only),
+'triton' (JIT Triton kernels) and 'torch' (the plain reference of fastdiv.reference). 'auto' picks the
+fastest one available for the tensor's device; the environment variable FASTDIV_BACKEND, when set,
+replaces 'auto' (never an explicit backend).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+BUILD_HINT = "build it with `pip install -e . --no-build-isolation` from the fastdiv source tree"
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.fastdiv.*)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # the package still works on the 'torch' backend
+    EXTENSION_ERROR = str(exc)
+    warnings.warn(
+        f"fastdiv._C is not built ({exc}); every op falls back to the slow backend='torch'. To get the "
+        f"fused kernels, {BUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_built() -> bool:
+    """True when fastdiv._C (the C++ CPU kernels) loaded."""
+    return EXTENSION_ERROR is None
+
+
+def cuda_built() -> bool:
+    """True when fastdiv._C carries CUDA kernels (registered for the CUDA dispatch key)."""
+    return extension_built() and torch._C._dispatch_has_kernel_for_dispatch_key("fastdiv::gram", "CUDA")
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run. They are not part of this release yet."""
+    return False
+
+
+def default_backend(device_type: str) -> str:
+    """The backend 'auto' picks for tensors on ``device_type`` (ignoring FASTDIV_BACKEND)."""
+    if device_type == "cpu":
+        return "cpu" if extension_built() else "torch"
+    if device_type == "cuda":
+        if cuda_built():
+            return "cuda"
+        return "triton" if triton_available() else "torch"
+    return "torch"
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
+    """The concrete backend for running ``fn`` on ``tensor``; raises a clear error if it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("FASTDIV_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"FASTDIV_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend = env
+        else:
+            return default_backend(tensor.device.type)
+    device = tensor.device.type
+    if backend == "torch":
+        return backend
+    if backend == "cpu":
+        if device != "cpu":
+            raise ValueError(f"{fn}: backend='cpu' runs on CPU tensors, got a tensor on {tensor.device}")
+        if not extension_built():
+            raise RuntimeError(f"{fn}: backend='cpu' needs fastdiv._C, which failed to load "
+                               f"({EXTENSION_ERROR}); {BUILD_HINT}")
+        return backend
+    if backend == "cuda":
+        if device != "cuda":
+            raise ValueError(f"{fn}: backend='cuda' runs on CUDA tensors, got a tensor on {tensor.device}")
+        if not cuda_built():
+            raise RuntimeError(f"{fn}: backend='cuda' needs fastdiv._C built with CUDA (a CUDA toolkit and "
+                               f"a CUDA build of torch at build time); {BUILD_HINT}")
+        return backend
+    # backend == "triton"
+    raise RuntimeError(f"{fn}: backend='triton' is not available in this release of fastdiv; "
+                       f"use backend='auto', 'cpu' or 'torch'")

@@ -1,0 +1,62 @@
+"""Argument checks shared by the public API. Errors name the argument, what was expected and what
+was given."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def as_rows(grads: torch.Tensor, sample_dim: int, fn: str, min_samples: int = 2) -> torch.Tensor:
+    """``grads`` as a [B, n, D] view (features flattened, unit stride on D; copies only if needed)."""
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"{fn}: grads must be a torch.Tensor, got {type(grads).__name__}")
+    if grads.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: grads must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {grads.dtype}")
+    if sample_dim not in (0, 1):
+        raise ValueError(f"{fn}: sample_dim must be 0 ([n, B, *features]) or 1 ([B, n, *features]), "
+                         f"got {sample_dim!r}")
+    if grads.dim() < 3:
+        layout = "[n, B, *features]" if sample_dim == 0 else "[B, n, *features]"
+        raise ValueError(f"{fn}: grads must be {layout} with at least one feature dim (3 or more dims), "
+                         f"got shape {tuple(grads.shape)}")
+    x = grads.transpose(0, 1) if sample_dim == 0 else grads
+    if x.shape[1] < min_samples:
+        raise ValueError(f"{fn}: needs at least {min_samples} gradient samples per input (dim {sample_dim} "
+                         f"of grads), got {x.shape[1]} in shape {tuple(grads.shape)}")
+    x = x.flatten(2)
+    if x.shape[2] == 0:
+        raise ValueError(f"{fn}: grads has no features (shape {tuple(grads.shape)})")
+    if x.shape[2] > 1 and x.stride(2) != 1:
+        x = x.contiguous()
+    return x
+
+
+def check_reduction(reduction: str, fn: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_positive(value, name: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: {name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_open_unit(value, name: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{fn}: {name} must be in (0, 1), got {value!r}")
+    return float(value)
+
+
+def reduce(per_input: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Applies ``reduction`` over the batch. The mean of an empty batch is 0 (not NaN), so an empty
+    batch contributes nothing to a training loss."""
+    if reduction == "none":
+        return per_input
+    total = per_input.sum()
+    return total if reduction == "sum" else total / max(per_input.shape[0], 1)

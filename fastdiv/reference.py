@@ -1,0 +1,193 @@
+"""Plain-PyTorch reference implementations, written straight from the papers' formulas.
+
+Every function here normalizes the gradients first and then evaluates the formula as printed, with
+ordinary autograd-differentiable PyTorch ops and no fusion. They are the ``backend='torch'`` path of
+the public API, the oracle the tests compare the compiled kernels against, and the baseline the
+benchmarks time. They return one value per input (shape ``[B]``); reductions are applied by the
+public wrappers in :mod:`fastdiv.losses`.
+
+All functions take ``grads`` shaped ``[B, n, *features]``: row ``grads[b, i]`` is the input gradient
+of sample model ``i`` at input ``b``. Features are flattened to ``D = prod(features)``.
+
+Papers (``shared/papers/``):
+  GradDiv (Lee et al.): eq. 16 (R_kappa), 17 (R_mean), 19 (R_DPP), supplement (R_max, R_smoothmax).
+  Diversity Training (Kariyappa & Qureshi): GAL = log sum_{a<b} exp cos(g_a, g_b).
+  Defense through Diverse Directions: eq. 14 (Omega_M), 15-17 (Omega_V), 18 (Omega_S).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+#: Floor on gradient norms: ``u = g / max(||g||, EPS)``, so an all-zero gradient row maps to the zero
+#: vector instead of 0/0 (the convention of ``torch.nn.functional.normalize``).
+EPS = 1e-12
+#: Default diagonal jitter of R_DPP: ``-log det(C + JITTER * I)``. Fully aligned rows give a finite
+#: loss ``-(n-1) log(JITTER) - log(n + JITTER)`` (about 80.6 for n = 10) and a finite gradient, while
+#: orthogonal rows give ``-n log(1 + JITTER) ~ -n * 1e-4 ~ 0``. 1e-4 is ~100x above the rounding error
+#: of fp32-accumulated cosines, so the Cholesky factorization never meets a non-positive pivot.
+JITTER = 1e-4
+#: R_kappa clamps the mean resultant length at RHO_MAX < 1, where kappa_hat = rho(p-rho)/(1-rho^2)
+#: would divide by zero. Above the clamp the loss is constant (zero gradient); 1 - 1e-6 keeps that dead
+#: zone to cosines above ~0.999999 while staying well above fp32 rounding of rho.
+RHO_MAX = 1.0 - 1e-6
+
+VARIANCE_KINDS = ("target", "min", "softmin")
+
+
+def _head_dtype(x: torch.Tensor) -> torch.dtype:
+    """The n x n heads run in at least fp32 (linalg has no half kernels, and half would lose the loss)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """u = g / max(||g||_2, eps) over the flattened feature dims; same shape as ``grads``."""
+    return unit_rows(grads, eps).reshape(grads.shape)
+
+
+def unit_rows(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Unit gradient directions flattened to ``[B, n, D]``."""
+    x = grads.flatten(2)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+
+
+def cosine_gram(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """C_ij = cos(g_i, g_j) = <u_i, u_j>, shape ``[B, n, n]``."""
+    u = unit_rows(grads, eps)
+    return u @ u.transpose(1, 2)
+
+
+def _off_diagonal(n: int, device) -> torch.Tensor:
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
+def dpp_loss(grads: torch.Tensor, jitter: float = JITTER, eps: float = EPS) -> torch.Tensor:
+    """GradDiv eq. 19: R_DPP = -log det(G^T G) over unit gradients G, with ``jitter * I`` added."""
+    c = cosine_gram(grads, eps).to(_head_dtype(grads))
+    n = c.shape[-1]
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    return -torch.logdet(c + jitter * eye)
+
+
+def mean_cosine_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """GradDiv eq. 17: R_mean = 1/(n(n-1)) sum_{i != j} cos(g_i, g_j)."""
+    c = cosine_gram(grads, eps).to(_head_dtype(grads))
+    n = c.shape[-1]
+    return (c * _off_diagonal(n, c.device)).sum(dim=(-2, -1)) / (n * (n - 1))
+
+
+def mean_resultant_length(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Sample MRL rho_hat = || (1/n) sum_i u_i ||_2 (GradDiv §3)."""
+    u = unit_rows(grads, eps).to(_head_dtype(grads))
+    return torch.linalg.vector_norm(u.mean(dim=1), dim=-1)
+
+
+def kappa_hat(rho: torch.Tensor, p: float, rho_max: float = RHO_MAX) -> torch.Tensor:
+    """kappa_hat = rho (p - rho) / (1 - rho^2), with rho clamped at ``rho_max`` (see RHO_MAX)."""
+    rho = rho.clamp(max=rho_max)
+    return rho * (p - rho) / (1 - rho * rho)
+
+
+def kappa_loss(grads: torch.Tensor, p: float | None = None, rho_max: float = RHO_MAX,
+               eps: float = EPS) -> torch.Tensor:
+    """GradDiv eq. 16: R_kappa = kappa_hat / p; p defaults to the feature dimension D."""
+    p = float(grads.flatten(2).shape[-1] if p is None else p)
+    return kappa_hat(mean_resultant_length(grads, eps), p, rho_max) / p
+
+
+def max_cosine_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """GradDiv supplement: R_max = max_{i != j} cos(g_i, g_j)."""
+    c = cosine_gram(grads, eps).to(_head_dtype(grads))
+    n = c.shape[-1]
+    return c.masked_fill(~_off_diagonal(n, c.device), float("-inf")).amax(dim=(-2, -1))
+
+
+def smoothmax_cosine_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """GradDiv supplement: R_smoothmax = log sum_{i != j} exp cos(g_i, g_j)."""
+    c = cosine_gram(grads, eps).to(_head_dtype(grads))
+    n = c.shape[-1]
+    return c[:, _off_diagonal(n, c.device)].logsumexp(dim=-1)
+
+
+def gal_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Diversity Training: GAL = log sum_{a<b} exp cos(g_a, g_b)."""
+    c = cosine_gram(grads, eps).to(_head_dtype(grads))
+    n = c.shape[-1]
+    a, b = torch.triu_indices(n, n, offset=1, device=c.device)
+    return c[:, a, b].logsumexp(dim=-1)
+
+
+def mean_penalty(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Diverse Directions eq. 14: Omega_M = sum_d E[u_d]^2 (expectation over the n draws)."""
+    u = unit_rows(grads, eps).to(_head_dtype(grads))
+    return u.mean(dim=1).square().sum(dim=-1)
+
+
+def column_variance(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Var[u_d] over the n draws (population variance, 1/n, as in eq. 12-13), shape ``[B, D]``."""
+    u = unit_rows(grads, eps).to(_head_dtype(grads))
+    return u.var(dim=1, unbiased=False)
+
+
+def variance_head(var: torch.Tensor, kind: str = "target", temperature: float | None = None) -> torch.Tensor:
+    """Omega_V from the per-dimension variances ``var`` [B, D].
+
+    kind='target'  eq. 17: sum_d (Var[u_d] - 1/D)^2 (the paper's chosen penalty).
+    kind='min'     eq. 15: -min_d Var[u_d].
+    kind='softmin' eq. 16: -sum_d softmin_d(Var / temperature) Var[u_d]. The paper writes the weight as
+                   softmin(alpha u_{y,d}) with alpha "the temperature"; a per-dimension weight can only
+                   be a function of the per-dimension variance, so we read it as a softmin over d of
+                   Var[u_d] / temperature (alpha = 1 / temperature). The default temperature is 1/D,
+                   the variance of a uniformly spread unit vector, so the weights are neither uniform
+                   nor a hard min at typical scales.
+    """
+    d = var.shape[-1]
+    if kind == "target":
+        return (var - 1.0 / d).square().sum(dim=-1)
+    if kind == "min":
+        return -var.amin(dim=-1)
+    if kind == "softmin":
+        t = 1.0 / d if temperature is None else temperature
+        return -(torch.softmax(-var / t, dim=-1) * var).sum(dim=-1)
+    raise ValueError(f"kind: expected one of {VARIANCE_KINDS}, got {kind!r}")
+
+
+def variance_penalty(grads: torch.Tensor, kind: str = "target", temperature: float | None = None,
+                     eps: float = EPS) -> torch.Tensor:
+    """Diverse Directions Omega_V (eq. 17 by default; eq. 15 / 16 via ``kind``)."""
+    return variance_head(column_variance(grads, eps), kind, temperature)
+
+
+def sparsity_penalty(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Diverse Directions eq. 18: Omega_S = -E ||u||_1."""
+    u = unit_rows(grads, eps).to(_head_dtype(grads))
+    return -u.abs().sum(dim=-1).mean(dim=1)
+
+
+class ConcentrationStats(NamedTuple):
+    """Per-input concentration statistics of n gradient samples; every field has shape ``[B]``."""
+
+    rho: torch.Tensor        #: sample mean resultant length ||mean_i u_i||_2
+    rho_q: torch.Tensor      #: sample l_q-MRL ||mean_i u_i||_q
+    kappa: torch.Tensor      #: kappa_hat = rho (D - rho) / (1 - rho^2), rho clamped at rho_max
+    mean_cos: torch.Tensor   #: mean_{i != j} cos(g_i, g_j)
+    coherence: torch.Tensor  #: max_{i != j} cos(g_i, g_j)
+    dpp: torch.Tensor        #: -log det(C + jitter I)
+
+
+def concentration_stats(grads: torch.Tensor, q: float = 1.0, jitter: float = JITTER,
+                        rho_max: float = RHO_MAX, eps: float = EPS) -> ConcentrationStats:
+    """All concentration statistics of GradDiv §3-4 for each input."""
+    u = unit_rows(grads, eps).to(_head_dtype(grads))
+    d = u.shape[-1]
+    mean = u.mean(dim=1)
+    rho = torch.linalg.vector_norm(mean, dim=-1)
+    return ConcentrationStats(
+        rho=rho,
+        rho_q=torch.linalg.vector_norm(mean, ord=q, dim=-1),
+        kappa=kappa_hat(rho, float(d), rho_max),
+        mean_cos=mean_cosine_loss(grads, eps),
+        coherence=max_cosine_loss(grads, eps),
+        dpp=dpp_loss(grads, jitter, eps),
+    )
