@@ -107,7 +107,7 @@ def smoothmax_cosine_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor
     """GradDiv supplement: R_smoothmax = log sum_{i != j} exp cos(g_i, g_j)."""
     c = cosine_gram(grads, eps).to(_head_dtype(grads))
     n = c.shape[-1]
-    return c[:, _off_diagonal(n, c.device)].logsumexp(dim=-1)
+    return c.masked_fill(~_off_diagonal(n, c.device), float("-inf")).flatten(1).logsumexp(dim=-1)
 
 
 def gal_loss(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:

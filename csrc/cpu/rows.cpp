@@ -133,7 +133,9 @@ void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Ten
   });
 }
 
-// G_id = dL/du_id = g_mean_d / n + g_var_d * 2 (u_id - m_d) / n (+ g_r_i x_id / r_i via the norm).
+// G_id = dL/du_id = g_mean_d / n + g_var_d * 2 (u_id - m_d) / n = alpha_d + beta_d u_id, with
+// alpha_d = (g_mean_d - 2 g_var_d m_d) / n and beta_d = 2 g_var_d / n shared by the n rows of a column;
+// the norm's own gradient adds g_r_i x_id / r_i.
 template <typename T>
 void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& mean,
                                   const at::Tensor* g_r, const at::Tensor* g_mean, const at::Tensor* g_var,
@@ -150,17 +152,21 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
   const A inv_n = A(1) / static_cast<A>(n);
   const A eps_a = static_cast<A>(eps);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
-    std::vector<A> tile(n * kTile), G(kTile);
+    std::vector<A> tile(n * kTile), alpha(kTile), beta(kTile);
     std::vector<double> c(n);
-    // dL/du for row i over columns [d0, d0 + len) into G.
-    auto fill_g = [&](int64_t b, int64_t i, int64_t d0, int64_t len, const A* xi, A inv_r) {
+    // alpha and beta for columns [d0, d0 + len) of batch element b.
+    auto column_coefficients = [&](int64_t b, int64_t d0, int64_t len) {
       const A* m = m_in + b * d + d0;
-      const A* gm = gm_in ? gm_in + b * d + d0 : nullptr;
-      const A* gv = gv_in ? gv_in + b * d + d0 : nullptr;
-      for (int64_t k = 0; k < len; ++k) {
-        A gk = gm ? gm[k] * inv_n : A(0);
-        if (gv) gk += gv[k] * A(2) * inv_n * (xi[k] * inv_r - m[k]);
-        G[k] = gk;
+      for (int64_t k = 0; k < len; ++k) alpha[k] = gm_in ? gm_in[b * d + d0 + k] * inv_n : A(0);
+      if (gv_in) {
+        const A* gv = gv_in + b * d + d0;
+#pragma omp simd
+        for (int64_t k = 0; k < len; ++k) {
+          beta[k] = A(2) * gv[k] * inv_n;
+          alpha[k] -= beta[k] * m[k];
+        }
+      } else {
+        std::fill(beta.begin(), beta.begin() + len, A(0));
       }
     };
     for (int64_t b = begin; b < end; ++b) {
@@ -169,27 +175,32 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 1: c_i = <G_i, u_i>
         const int64_t len = std::min(kTile, d - d0);
         load_tile(rows, b, n, d0, len, tile.data());
+        column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
-          fill_g(b, i, d0, len, xi, A(1) / rb[i]);
-          c[i] += static_cast<double>(dot(G.data(), xi, len)) / static_cast<double>(rb[i]);
+          const A inv_r = A(1) / rb[i];
+          A s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * inv_r) * xi[k];
+          c[i] += static_cast<double>(s) / static_cast<double>(rb[i]);
         }
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 2: write dX
         const int64_t len = std::min(kTile, d - d0);
         load_tile(rows, b, n, d0, len, tile.data());
+        column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
           const A inv_r = A(1) / rb[i];
           const bool active = rb[i] > eps_a;
-          fill_g(b, i, d0, len, xi, inv_r);
-          // Active rows: (G - c u) / r + g_r u; u = x / r.
+          // Active rows: (G - c u) / r + g_r u, u = x / r; the x terms share one coefficient.
           const A cu = active ? static_cast<A>(c[i]) * inv_r : A(0);
           const A gr = (active && gr_in) ? gr_in[b * n + i] : A(0);
+          const A x_coef = (gr - cu) * inv_r;
           T* dst = out + (b * n + i) * d + d0;
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k)
-            dst[k] = static_cast<T>((G[k] - cu * xi[k]) * inv_r + gr * xi[k] * inv_r);
+            dst[k] = static_cast<T>((alpha[k] + beta[k] * xi[k] * inv_r) * inv_r + x_coef * xi[k]);
         }
       }
     }

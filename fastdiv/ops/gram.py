@@ -38,10 +38,13 @@ def _stats_fake(x, q, eps, jitter, rho_max):
 
 # ---- autograd ----
 def _gram_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(inputs[0])
 
 
 def _gram_backward(ctx, grad_s, grad_l1):
+    if grad_s is None and grad_l1 is None:
+        return None, None
     (x,) = ctx.saved_tensors
     b, n, _ = x.shape
     a = (grad_s + grad_s.transpose(1, 2)) if grad_s is not None else x.new_zeros((b, n, n), dtype=acc_dtype(x.dtype))
@@ -55,10 +58,13 @@ torch.library.register_autograd("fastdiv::gram", _gram_backward, setup_context=_
 def _gram_loss_setup(ctx, inputs, output):
     _, a, beta = output
     ctx.mark_non_differentiable(a, beta)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the coefficient outputs
     ctx.save_for_backward(inputs[0], a, beta)
 
 
 def _gram_loss_backward(ctx, grad_loss, grad_a, grad_beta):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     x, a, beta = ctx.saved_tensors
     scaled_beta = beta * grad_loss[:, None] if beta.numel() else None
     return _ops.gram_pullback(x, a * grad_loss[:, None, None], scaled_beta), None, None, None, None, None
