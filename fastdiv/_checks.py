@@ -42,7 +42,8 @@ def check_reduction(reduction: str, fn: str) -> None:
 
 
 def check_positive(value, name: str, fn: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    # comparisons instead of math.isfinite: dynamo traces them on symbolic floats (NaN fails both)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
         raise ValueError(f"{fn}: {name} must be a positive finite number, got {value!r}")
     return float(value)
 

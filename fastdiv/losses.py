@@ -3,8 +3,10 @@
 Every function takes ``grads``: the input gradients of n sample models at B inputs, shaped
 ``[B, n, *features]`` (``sample_dim=1``, the default) or ``[n, B, *features]`` (``sample_dim=0``, what a
 sample-batched backward returns; no copy is made). Features are flattened to D values. Rows are
-normalized to unit length first, ``u_i = g_i / max(||g_i||, eps)``, so an all-zero gradient maps to the
-zero vector and never produces NaN; NaN or Inf in ``grads`` give NaN in the result (no error).
+normalized to unit length first, ``u_i = g_i / ||g_i||``; a gradient whose norm is at most ``eps``
+(an all-zero gradient, say) has no direction: its u is the zero vector and it receives zero gradient, so
+zero or duplicate rows never produce NaN or Inf. NaN or Inf in ``grads`` give NaN in the result (no
+error).
 
 Losses return one value per input reduced with ``reduction`` ('mean' over the batch, the default;
 'sum'; or 'none' for the ``[B]`` vector) in float32 (float64 for float64 inputs, whatever the input
@@ -55,12 +57,13 @@ def _gram_head(fn: str, head: str, grads: torch.Tensor, reference_fn: Callable, 
 
 
 def normalize(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
-    """Unit gradient directions ``g / max(||g||_2, eps)`` (norm over the features), shaped like ``grads``."""
+    """Unit gradient directions ``g / ||g||_2`` (norm over the features; zero where ``||g|| <= eps``),
+    with the shape and dtype of ``grads``."""
     fn = "normalize"
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn, min_samples=1)
     if resolve_backend(backend, x, fn) == "torch":
-        u = reference.unit_rows(x, eps)
+        u = reference.unit_rows(x, eps).to(grads.dtype)
     else:
         u = _ops().rows.normalize(x, eps)
     # back to the caller's layout: [B, n, *features], or [n, B, *features] for sample_dim=0
@@ -76,9 +79,11 @@ def cosine_gram(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, b
     if resolve_backend(backend, x, fn) == "torch":
         return reference.cosine_gram(x, eps).to(reference._head_dtype(x))
     s, _ = _ops().gram.gram(x)
-    # clamp before the sqrt: r = max(sqrt(S_ii), eps) with a finite derivative at zero rows
-    r = torch.diagonal(s, dim1=1, dim2=2).clamp_min(eps * eps).sqrt()
-    return s / (r[:, :, None] * r[:, None, :])
+    sq = torch.diagonal(s, dim1=1, dim2=2)
+    # 1/||g|| above the norm floor, 0 at or below it (NaN selects the rsqrt branch and propagates);
+    # the clamp keeps the unselected branch's gradient finite
+    inv_r = torch.where(sq <= eps * eps, torch.zeros_like(sq), sq.clamp_min(eps * eps).rsqrt())
+    return s * inv_r[:, :, None] * inv_r[:, None, :]
 
 
 def dpp_loss(grads: torch.Tensor, *, jitter: float = JITTER, reduction: str = "mean", sample_dim: int = 1,
@@ -109,7 +114,8 @@ def kappa_loss(grads: torch.Tensor, *, p: float | None = None, rho_max: float = 
     ``rho`` is the sample mean resultant length ``||mean_i u_i||``; ``p`` defaults to the feature
     dimension D. ``rho`` is clamped at ``rho_max`` (default 1 - 1e-6) because kappa_hat diverges at
     rho = 1 (all gradients aligned): above the clamp the loss is the constant kappa_hat(rho_max) / p and
-    its gradient is zero.
+    its gradient is zero. Where the gradients cancel (rho < 1e-10) the MRL has no derivative (the norm's
+    kink at the origin) and the compiled kernels return a zero gradient.
     """
     fn = "kappa_loss"
     if p is not None:

@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import torch
 
-#: Floor on gradient norms: ``u = g / max(||g||, EPS)``, so an all-zero gradient row maps to the zero
-#: vector instead of 0/0 (the convention of ``torch.nn.functional.normalize``).
+#: Floor on gradient norms. A gradient whose norm is at most EPS has no direction: its unit vector is
+#: the zero vector and it receives zero gradient. (``F.normalize``'s ``g / max(||g||, eps)`` would give
+#: it a derivative of 1/eps, which overflows float16 and, squared inside the Gram heads, float32.)
 EPS = 1e-12
 #: Default diagonal jitter of R_DPP: ``-log det(C + JITTER * I)``. Fully aligned rows give a finite
 #: loss ``-(n-1) log(JITTER) - log(n + JITTER)`` (about 80.6 for n = 10) and a finite gradient, while
@@ -42,14 +43,18 @@ def _head_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def normalize(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """u = g / max(||g||_2, eps) over the flattened feature dims; same shape as ``grads``."""
-    return unit_rows(grads, eps).reshape(grads.shape)
+    """u = g / ||g||_2 over the flattened feature dims (0 where ||g|| <= eps); shape and dtype of ``grads``."""
+    return unit_rows(grads, eps).to(grads.dtype).reshape(grads.shape)
 
 
 def unit_rows(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Unit gradient directions flattened to ``[B, n, D]``."""
-    x = grads.flatten(2)
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+    """Unit gradient directions flattened to ``[B, n, D]``, computed in at least fp32 (eps = 1e-12 is
+    not representable in half precision); rows with norm <= eps become zero."""
+    x = grads.flatten(2).to(_head_dtype(grads))
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    # r <= eps (not r > eps) lets a NaN norm select x / r and reach the output; the clamp keeps the
+    # unselected branch finite, so its zero gradient is not 0 * inf = NaN
+    return torch.where(r <= eps, torch.zeros_like(x), x / r.clamp_min(eps))
 
 
 def cosine_gram(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:

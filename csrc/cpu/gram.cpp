@@ -65,6 +65,38 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
     for (int64_t j = 0; j < i; ++j) S[j * n + i] = S[i * n + j];
 }
 
+// Second pass over batch element b (its slab is still in cache for the paper sizes): the column sums
+// m_d = sum_i u_id, accumulated in double. Returns ||m||^2 = ||sum_i u_i||^2; when lq is given, also
+// writes ||m / n||_q (the l_q mean resultant length; q = inf gives the max norm).
+template <typename T>
+double column_resultant(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile, double* m,
+                        const double* inv_r, double q, double* lq) {
+  double sq = 0, acc_q = 0;
+  bool nan = false;
+  const double inv_n = 1.0 / static_cast<double>(n);
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+    const int64_t len = std::min(kTile, d - d0);
+    load_tile(x, b, n, d0, len, tile);
+    std::fill(m, m + len, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t<T>* xi = tile + i * len;
+      const double w = inv_r[i];
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) m[k] += static_cast<double>(xi[k]) * w;
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      sq += m[k] * m[k];
+      if (lq) {
+        const double a = std::abs(m[k] * inv_n);
+        nan |= std::isnan(a);
+        acc_q = std::isinf(q) ? std::max(acc_q, a) : acc_q + std::pow(a, q);
+      }
+    }
+  }
+  if (lq) *lq = nan ? NAN : (std::isinf(q) ? acc_q : std::pow(acc_q, 1.0 / q));
+  return sq;
+}
+
 template <typename T>
 void gram_kernel(const at::Tensor& x, at::Tensor& s, at::Tensor& l1) {
   using A = acc_t<T>;
@@ -160,13 +192,19 @@ void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at:
   A* loss_out = loss.data_ptr<A>();
   A* a_out = a.data_ptr<A>();
   A* beta_out = beta.numel() ? beta.data_ptr<A>() : nullptr;
+  const bool with_resultant = needs_resultant(head);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(head_workspace(n));
+    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(head_workspace(n)), inv_r(n), m(kTile);
     for (int64_t b = begin; b < end; ++b) {
       gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr);
-      loss_out[b] = static_cast<A>(
-          head_forward(head, S.data(), L1.data(), n, d, prm, Ab.data(), betab.data(), work.data()));
+      double resultant = 0;
+      if (with_resultant) {
+        inverse_norms(S.data(), n, prm.eps, inv_r.data());
+        resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), 0.0, nullptr);
+      }
+      loss_out[b] = static_cast<A>(head_forward(head, S.data(), L1.data(), resultant, n, d, prm, Ab.data(),
+                                                betab.data(), work.data()));
       for (int64_t i = 0; i < n * n; ++i) a_out[b * n * n + i] = static_cast<A>(Ab[i]);
       if (beta_out)
         for (int64_t i = 0; i < n; ++i) beta_out[b * n + i] = static_cast<A>(betab[i]);
@@ -174,8 +212,8 @@ void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at:
   });
 }
 
-// One read of X from memory per input: the Gram tiles, then the column means of u from the same
-// n x D slab (still in cache for the paper sizes) for the l_q-MRL.
+// One read of X from memory per input: the Gram tiles, then the column sums of u from the same
+// n x D slab (still in cache for the paper sizes) for rho, kappa and the l_q-MRL.
 template <typename T>
 void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tensor& out) {
   using A = acc_t<T>;
@@ -184,26 +222,13 @@ void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tens
   A* o = out.data_ptr<A>();
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), inv_r(n), stats(5), work(head_workspace(n));
+    std::vector<double> S(n * n), inv_r(n), stats(5), work(head_workspace(n)), m(kTile);
     for (int64_t b = begin; b < end; ++b) {
       gram_one(rows, b, n, d, tile.data(), S.data(), nullptr);
-      gram_statistics(S.data(), n, d, prm, stats.data(), work.data());
-      for (int64_t i = 0; i < n; ++i)
-        inv_r[i] = 1.0 / std::max(std::sqrt(std::max(S[i * n + i], 0.0)), prm.eps);
-      double acc_q = 0;  // sum_d |m_d|^q, or max_d |m_d| for q = inf
-      bool has_nan = false;
-      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
-        const int64_t len = std::min(kTile, d - d0);
-        load_tile(rows, b, n, d0, len, tile.data());
-        for (int64_t k = 0; k < len; ++k) {
-          double m = 0;
-          for (int64_t i = 0; i < n; ++i) m += static_cast<double>(tile[i * len + k]) * inv_r[i];
-          m = std::abs(m / static_cast<double>(n));
-          has_nan |= std::isnan(m);
-          acc_q = std::isinf(q) ? std::max(acc_q, m) : acc_q + std::pow(m, q);
-        }
-      }
-      const double rho_q = has_nan ? NAN : (std::isinf(q) ? acc_q : std::pow(acc_q, 1.0 / q));
+      inverse_norms(S.data(), n, prm.eps, inv_r.data());
+      double rho_q = 0;
+      const double resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), q, &rho_q);
+      gram_statistics(S.data(), resultant, n, d, prm, stats.data(), work.data());
       const double row[6] = {stats[0], rho_q, stats[1], stats[2], stats[3], stats[4]};
       for (int64_t k = 0; k < 6; ++k) o[b * 6 + k] = static_cast<A>(row[k]);
     }

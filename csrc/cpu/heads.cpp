@@ -73,27 +73,27 @@ double mean_cos(const Cosines& c, double* W) {
   return s * w;
 }
 
-// rho_hat = ||mean_i u_i|| = sqrt(sum_ij C_ij) / n.
-double mrl(const Cosines& c) {
-  double s = 0;
-  for (int64_t i = 0; i < c.n * c.n; ++i) s += c.C[i];
-  // Rounding can leave sum_ij C_ij a hair below zero for anti-aligned rows.
-  return std::isnan(s) ? s : std::sqrt(std::max(s, 0.0)) / static_cast<double>(c.n);
+// rho_hat = ||mean_i u_i|| = sqrt(||sum_i u_i||^2) / n.
+double mrl(double resultant, int64_t n) {
+  return std::isnan(resultant) ? resultant : std::sqrt(std::max(resultant, 0.0)) / static_cast<double>(n);
 }
 
 double kappa_of(double rho, double p) { return rho * (p - rho) / (1 - rho * rho); }
 
 // R_kappa = kappa_hat / p, rho clamped at rho_max. W_ij = dL/d(sum C) for every (i, j).
-double kappa_loss(const Cosines& c, double p, double rho_max, double* W) {
+double kappa_loss(const Cosines& c, double resultant, double p, double rho_max, double* W) {
   const int64_t n = c.n;
-  const double rho = mrl(c);
+  const double rho = mrl(resultant, n);
   const double rc = std::min(rho, rho_max);
   const double loss = std::isnan(rho) ? rho : kappa_of(rc, p) / p;
   if (W) {
     double w = 0;
-    // Zero gradient above the clamp and at rho = 0 (where d rho / d sum C is infinite but the
-    // reference's norm backward is zero, like torch.linalg.vector_norm at the origin).
-    if (rho < rho_max && rho > 0) {
+    // Zero gradient above the clamp, and where the gradients cancel (rho ~ 0): there the MRL has no
+    // derivative (the norm's kink at the origin; torch.linalg.vector_norm also gives 0) and a rho of
+    // rounding size (~1e-17, fused multiply-adds leave it where plain arithmetic cancels exactly)
+    // would turn d rho / d u = m / (n rho) into amplified noise.
+    constexpr double kRhoFloor = 1e-10;
+    if (rho < rho_max && rho > kRhoFloor) {
       const double one_m = 1 - rho * rho;
       const double dk_drho = (p * (1 + rho * rho) - 2 * rho) / (one_m * one_m);
       const double drho_ds = 1.0 / (2.0 * static_cast<double>(n * n) * rho);
@@ -135,17 +135,25 @@ double logsumexp_pairs(const Cosines& c, bool ordered_pairs, double* W) {
   return m + std::log(z);
 }
 
-double mean_penalty(const Cosines& c, double* W) {
-  const double w = 1.0 / static_cast<double>(c.n * c.n);
-  double s = 0;
-  for (int64_t i = 0; i < c.n * c.n; ++i) {
-    s += c.C[i];
-    if (W) W[i] = w;
-  }
-  return s * w;
+// Omega_M = rho_hat^2 = ||sum_i u_i||^2 / n^2 = sum_ij C_ij / n^2.
+double mean_penalty(double resultant, int64_t n, double* W) {
+  const double w = 1.0 / static_cast<double>(n * n);
+  if (W)
+    for (int64_t i = 0; i < n * n; ++i) W[i] = w;
+  return resultant * w;
 }
 
 }  // namespace
+
+bool needs_resultant(Head head) { return head == Head::kKappa || head == Head::kMeanPenalty; }
+
+void inverse_norms(const double* S, int64_t n, double eps, double* inv_r) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sq = S[i * n + i];
+    const double norm = std::sqrt(std::max(sq, 0.0));
+    inv_r[i] = std::isnan(sq) ? sq : (norm > eps ? 1.0 / norm : 0.0);
+  }
+}
 
 Head parse_head(const std::string& name) {
   if (name == "dpp") return Head::kDpp;
@@ -160,59 +168,52 @@ Head parse_head(const std::string& name) {
                     "mean_penalty, sparsity; got '", name, "'");
 }
 
-double head_forward(Head head, const double* S, const double* l1, int64_t n, int64_t d,
+double head_forward(Head head, const double* S, const double* l1, double resultant, int64_t n, int64_t d,
                     const HeadParams& prm, double* A, double* beta, double* work) {
   double* C = work;
   double* W = work + n * n;
-  double* r = work + 2 * n * n;
-  double* active = r + n;
+  double* inv_r = work + 2 * n * n;
   double* inner = work + 2 * n * n + 2 * n;  // 2 n^2 + 2 n scratch for the Cholesky
 
-  for (int64_t i = 0; i < n; ++i) {
-    const double norm = std::sqrt(std::max(S[i * n + i], 0.0));
-    active[i] = norm > prm.eps ? 1.0 : 0.0;
-    r[i] = active[i] != 0 ? norm : prm.eps;
-    // A NaN norm must stay NaN (std::max would hide it).
-    if (std::isnan(S[i * n + i])) r[i] = S[i * n + i];
-  }
+  inverse_norms(S, n, prm.eps, inv_r);
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) C[i * n + j] = S[i * n + j] / (r[i] * r[j]);
+    for (int64_t j = 0; j < n; ++j) C[i * n + j] = S[i * n + j] * inv_r[i] * inv_r[j];
   for (int64_t i = 0; i < n * n; ++i) W[i] = 0;
   for (int64_t i = 0; i < n; ++i) beta[i] = 0;
 
   const Cosines c{C, n};
   const double p = prm.p > 0 ? prm.p : static_cast<double>(d);
+  const double nn = static_cast<double>(n);
   double loss = 0;
   switch (head) {
     case Head::kDpp: loss = dpp(c, prm.jitter, W, inner); break;
     case Head::kMeanCos: loss = mean_cos(c, W); break;
-    case Head::kKappa: loss = kappa_loss(c, p, prm.rho_max, W); break;
+    case Head::kKappa: loss = kappa_loss(c, resultant, p, prm.rho_max, W); break;
     case Head::kMaxCos: loss = max_cos(c, W); break;
     case Head::kSmoothmax: loss = logsumexp_pairs(c, true, W); break;
     case Head::kGal: loss = logsumexp_pairs(c, false, W); break;
-    case Head::kMeanPenalty: loss = mean_penalty(c, W); break;
+    case Head::kMeanPenalty: loss = mean_penalty(resultant, n, W); break;
     case Head::kSparsity:
       for (int64_t i = 0; i < n; ++i) {
-        loss -= l1[i] / (static_cast<double>(n) * r[i]);
-        beta[i] = -1.0 / (static_cast<double>(n) * r[i]);
+        loss -= l1[i] * inv_r[i] / nn;
+        beta[i] = -inv_r[i] / nn;
       }
       break;
   }
 
-  // Chain rule from dL/dC to dL/dS (S entries taken as independent, DESIGN.md §2). C_ii is the
-  // constant 1 for rows above the norm floor; below it r_i = eps is constant and C_ii = S_ii / eps^2.
+  // Chain rule from dL/dC to dL/dS (S entries taken as independent, DESIGN.md §2): C_ij = S_ij r_i^-1
+  // r_j^-1 with r_i = sqrt(S_ii), so C_ii is the constant 1 and dC_ij/dS_ii = -C_ij / (2 S_ii). Rows
+  // below the norm floor have C = 0 identically and get no gradient.
   double* Shat = inner;
   for (int64_t i = 0; i < n; ++i) {
     double diag = 0;
-    if (active[i] != 0) {
+    if (inv_r[i] != 0) {
       for (int64_t j = 0; j < n; ++j)
         if (j != i) diag -= (W[i * n + j] + W[j * n + i]) * C[i * n + j];
-      diag /= 2 * S[i * n + i];
-      if (head == Head::kSparsity) diag += l1[i] / (2 * static_cast<double>(n) * r[i] * r[i] * r[i]);
-    } else {
-      diag = W[i * n + i] / (prm.eps * prm.eps);
+      diag *= 0.5 * inv_r[i] * inv_r[i];
+      if (head == Head::kSparsity) diag += l1[i] * inv_r[i] * inv_r[i] * inv_r[i] / (2 * nn);
     }
-    for (int64_t j = 0; j < n; ++j) Shat[i * n + j] = (i == j) ? diag : W[i * n + j] / (r[i] * r[j]);
+    for (int64_t j = 0; j < n; ++j) Shat[i * n + j] = (i == j) ? diag : W[i * n + j] * inv_r[i] * inv_r[j];
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) A[i * n + j] = Shat[i * n + j] + Shat[j * n + i];
@@ -224,18 +225,16 @@ double head_forward(Head head, const double* S, const double* l1, int64_t n, int
   return loss;
 }
 
-void gram_statistics(const double* S, int64_t n, int64_t d, const HeadParams& prm, double* out,
-                     double* work) {
+void gram_statistics(const double* S, double resultant, int64_t n, int64_t d, const HeadParams& prm,
+                     double* out, double* work) {
   double* C = work;
-  double* inner = work + n * n;
+  double* inv_r = work + n * n;
+  double* inner = work + n * n + n;
+  inverse_norms(S, n, prm.eps, inv_r);
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const double ri = std::max(std::sqrt(std::max(S[i * n + i], 0.0)), prm.eps);
-      const double rj = std::max(std::sqrt(std::max(S[j * n + j], 0.0)), prm.eps);
-      C[i * n + j] = std::isnan(S[i * n + i] + S[j * n + j]) ? kNaN : S[i * n + j] / (ri * rj);
-    }
+    for (int64_t j = 0; j < n; ++j) C[i * n + j] = S[i * n + j] * inv_r[i] * inv_r[j];
   const Cosines c{C, n};
-  const double rho = mrl(c);
+  const double rho = mrl(resultant, n);
   out[0] = rho;
   out[1] = std::isnan(rho) ? rho : kappa_of(std::min(rho, prm.rho_max), static_cast<double>(d));
   out[2] = mean_cos(c, nullptr);

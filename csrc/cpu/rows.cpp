@@ -2,8 +2,8 @@
 // statistics behind the Diverse-Directions variance penalties (DESIGN.md §2).
 //
 // Pullbacks share one rule. With G = dL/du, the derivative through the normalization is
-// dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i for rows above the floor and G_i / eps below it (there r_i is
-// the constant eps). Each kernel first reduces <G_i, u_i> over a batch element's slab and then writes
+// dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i for rows above the norm floor; rows at or below it have no
+// direction (u_i = 0) and get zero gradient. Each kernel first reduces <G_i, u_i> over a batch element's slab and then writes
 // dX from the same slab, which is still in cache.
 #include <ATen/Parallel.h>
 
@@ -17,15 +17,20 @@ namespace fastdiv::cpu {
 namespace {
 
 struct RowNorm {
-  double inv_r;  // 1 / max(||x||, eps)
-  bool active;   // ||x|| > eps: the norm depends on x
+  double norm;   // ||x||
+  double inv_r;  // 1 / ||x|| above the norm floor, 0 at or below it
 };
 
 inline RowNorm row_norm(double sumsq, double eps) {
   const double norm = std::sqrt(sumsq);
-  const bool active = norm > eps;
   // NaN rows keep a NaN scale so the NaN reaches the output.
-  return {std::isnan(norm) ? norm : 1.0 / (active ? norm : eps), active};
+  return {norm, std::isnan(norm) ? norm : (norm > eps ? 1.0 / norm : 0.0)};
+}
+
+// The same from a stored norm (r outputs hold ||x||, whatever the floor).
+template <typename A>
+inline A inverse_norm(A r, A eps) {
+  return std::isnan(r) ? r : (r > eps ? A(1) / r : A(0));
 }
 
 template <typename T>
@@ -80,7 +85,7 @@ void normalize_pullback_kernel(const at::Tensor& x, const at::Tensor& g, double 
       const RowNorm rn = row_norm(sumsq, eps);
       const A inv_r = static_cast<A>(rn.inv_r);
       // <G, u> u / r = <G, x> x / r^3
-      const A proj = rn.active ? static_cast<A>(gx * rn.inv_r * rn.inv_r) : A(0);
+      const A proj = static_cast<A>(gx * rn.inv_r * rn.inv_r);
       T* dst = out + row * d;
 #pragma omp simd
       for (int64_t k = 0; k < d; ++k)
@@ -104,7 +109,7 @@ void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Ten
       for (int64_t i = 0; i < n; ++i) {
         const RowNorm rn = row_norm(row_sumsq(rows.row(b, i), d, tile.data()), eps);
         inv_r[i] = static_cast<A>(rn.inv_r);
-        r_out[b * n + i] = static_cast<A>(1.0 / rn.inv_r);
+        r_out[b * n + i] = static_cast<A>(rn.norm);
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
@@ -178,11 +183,11 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
         column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
-          const A inv_r = A(1) / rb[i];
+          const A inv_r = inverse_norm(rb[i], eps_a);
           A s = 0;
 #pragma omp simd reduction(+ : s)
           for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * inv_r) * xi[k];
-          c[i] += static_cast<double>(s) / static_cast<double>(rb[i]);
+          c[i] += static_cast<double>(s) * static_cast<double>(inv_r);
         }
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 2: write dX
@@ -191,11 +196,10 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
         column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
-          const A inv_r = A(1) / rb[i];
-          const bool active = rb[i] > eps_a;
-          // Active rows: (G - c u) / r + g_r u, u = x / r; the x terms share one coefficient.
-          const A cu = active ? static_cast<A>(c[i]) * inv_r : A(0);
-          const A gr = (active && gr_in) ? gr_in[b * n + i] : A(0);
+          const A inv_r = inverse_norm(rb[i], eps_a);  // 0 below the floor: the whole row gets 0
+          // (G - c u) / r + g_r u with u = x / r; the x terms share one coefficient.
+          const A cu = static_cast<A>(c[i]) * inv_r;
+          const A gr = gr_in ? gr_in[b * n + i] : A(0);
           const A x_coef = (gr - cu) * inv_r;
           T* dst = out + (b * n + i) * d + d0;
 #pragma omp simd

@@ -1,0 +1,965 @@
+"""Tests of the public API in fastdiv.losses: gradients, parity of the compiled kernels with the
+reference, shapes, layouts, degenerate and non-finite inputs, argument errors and the documented
+values of every loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastdiv
+from fastdiv import reference
+from conftest import (
+    BACKENDS,
+    LOSS_BY_ID,
+    LOSS_CASES,
+    LOSS_IDS,
+    LOWP_DTYPES,
+    STAT_FIELDS,
+    assert_close64,
+    assert_parity,
+    dtype_id,
+    randn,
+    upstream_weights,
+    value_and_grad,
+)
+
+ALL_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def shape_id(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def loss_fn(case, backend, **kw):
+    """``x -> case(x, backend=backend, reduction='none', **kw)``."""
+    kw.setdefault("reduction", "none")
+    return lambda t: case(t, backend=backend, **kw)
+
+
+def fused_and_reference(case, x, weights=None, **kw):
+    """(value, grad) on the cpu kernels and on the reference for the same input."""
+    fused = value_and_grad(loss_fn(case, "cpu", **kw), x, weights)
+    ref = value_and_grad(loss_fn(case, "torch", **kw), x, weights)
+    return fused, ref
+
+
+# =====================================================================================================
+# 1. float64 gradcheck of every loss, normalize and cosine_gram on both backends
+# =====================================================================================================
+
+GRADCHECK_LAYOUTS = {
+    # id: (shape, kwargs)
+    "B2-n4-D5": ((2, 4, 5), dict(reduction="none")),
+    "sample_dim0-n3-B2-2x3-mean": ((3, 2, 2, 3), dict(reduction="mean", sample_dim=0)),
+    "B2-n2-D3-sum": ((2, 2, 3), dict(reduction="sum")),
+}
+
+
+@pytest.mark.parametrize("layout", list(GRADCHECK_LAYOUTS), ids=list(GRADCHECK_LAYOUTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_gradcheck_losses(case, backend, layout):
+    shape, kw = GRADCHECK_LAYOUTS[layout]
+    x = randn(*shape, seed=11).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: case(t, backend=backend, **kw), (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# Non-default hyperparameters change the kernels' code paths (p, rho_max clamp, jitter, temperature).
+GRADCHECK_PARAMS = [
+    ("dpp", dict(jitter=0.05)),
+    ("kappa", dict(p=2.5)),
+    ("kappa", dict(p=40.0, rho_max=0.9)),
+    ("var-softmin", dict(temperature=0.3)),
+    ("var-softmin", dict(temperature=0.01)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_id,kw", GRADCHECK_PARAMS, ids=[f"{c}-{kw}" for c, kw in GRADCHECK_PARAMS])
+def test_gradcheck_loss_hyperparameters(case_id, kw, backend):
+    x = randn(2, 4, 5, seed=12).requires_grad_()
+    case = LOSS_BY_ID[case_id]
+    assert torch.autograd.gradcheck(lambda t: case(t, backend=backend, reduction="none", **kw), (x,), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_gradcheck_rows_below_eps(case, backend):
+    """Rows with 0 < ||g|| < eps take the other branch of u = g / max(||g||, eps) (r = eps constant)."""
+    x = randn(2, 4, 5, seed=13)
+    x[:, 1] *= 1e-4  # ||row|| ~ 2e-4 < eps = 1e-2
+    x = x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: case(t, backend=backend, reduction="none", eps=1e-2), (x,),
+                                    eps=1e-8, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sample_dim", [1, 0])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn", [fastdiv.normalize, fastdiv.cosine_gram], ids=["normalize", "cosine_gram"])
+def test_gradcheck_normalize_and_cosine_gram(fn, backend, sample_dim):
+    x = randn(3, 2, 2, 3, seed=14).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fn(t, backend=backend, sample_dim=sample_dim), (x,), atol=1e-7, rtol=1e-5)
+
+
+def test_torch_backend_supports_double_backward():
+    """The reference path is plain autograd, so create_graph works there (the documented fallback for
+    double backward, which the fused kernels reject: tests/test_ops.py)."""
+    x = randn(2, 4, 5, seed=15).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: fastdiv.dpp_loss(t, backend="torch", reduction="none"), (x,))
+
+
+# =====================================================================================================
+# 2. parity of the compiled kernels with the reference in fp32 / bf16 / fp16
+# =====================================================================================================
+
+PARITY_SHAPES = [(4, 5, 7), (3, 10, 100), (2, 3, 1000), (5, 4, 4099)]
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_parity_reduced_precision(case, dtype, shape):
+    x64 = randn(*shape, seed=sum(shape))
+    w = upstream_weights(shape[0])
+    truth = value_and_grad(loss_fn(case, "torch"), x64, w)
+    xl = x64.to(dtype)
+    ref = value_and_grad(loss_fn(case, "torch"), xl, w)
+    fused = value_and_grad(loss_fn(case, "cpu"), xl, w)
+    assert_parity(fused[0], ref[0], truth[0], dtype, f"{case.id} value")
+    assert_parity(fused[1], ref[1], truth[1], dtype, f"{case.id} gradient")
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 7), (3, 10, 1000)], ids=shape_id)
+@pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("fn", [fastdiv.normalize, fastdiv.cosine_gram], ids=["normalize", "cosine_gram"])
+def test_parity_reduced_precision_normalize_cosine_gram(fn, dtype, shape):
+    x64 = randn(*shape, seed=7)
+    out_shape = fn(x64[:1], backend="torch").shape[1:]
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand((shape[0],) + tuple(out_shape), generator=gen, dtype=torch.float64) + 0.5
+    truth = value_and_grad(lambda t: fn(t, backend="torch"), x64, w)
+    ref = value_and_grad(lambda t: fn(t, backend="torch"), x64.to(dtype), w)
+    fused = value_and_grad(lambda t: fn(t, backend="cpu"), x64.to(dtype), w)
+    assert_parity(fused[0], ref[0], truth[0], dtype, "value")
+    assert_parity(fused[1], ref[1], truth[1], dtype, "gradient")
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0, 3.0, math.inf], ids=lambda q: f"q={q}")
+@pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=dtype_id)
+def test_parity_reduced_precision_concentration_stats(dtype, q):
+    x64 = randn(3, 10, 700, seed=8)
+    truth = fastdiv.concentration_stats(x64, q=q, backend="torch")
+    ref = fastdiv.concentration_stats(x64.to(dtype), q=q, backend="torch")
+    fused = fastdiv.concentration_stats(x64.to(dtype), q=q, backend="cpu")
+    for field in STAT_FIELDS:
+        assert_parity(getattr(fused, field), getattr(ref, field), getattr(truth, field), dtype, field)
+
+
+# =====================================================================================================
+# 3. shapes: primes and non-powers of two in n and D, B = 0, several feature dims
+# =====================================================================================================
+
+
+def check_fp64_and_fp32(case, x64, **kw):
+    """cpu == reference in fp64 (values and gradients), and the fp32 parity rule."""
+    w = upstream_weights(x64.shape[0])
+    fused, ref = fused_and_reference(case, x64, w, **kw)
+    assert_close64(fused[0], ref[0], f"{case.id} fp64 value")
+    assert_close64(fused[1], ref[1], f"{case.id} fp64 gradient", rtol=1e-8)
+    x32 = x64.float()
+    fused32, ref32 = fused_and_reference(case, x32, w, **kw)
+    assert_parity(fused32[0], ref32[0], ref[0], torch.float32, f"{case.id} fp32 value")
+    assert_parity(fused32[1], ref32[1], ref[1], torch.float32, f"{case.id} fp32 gradient")
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 7, 10, 17, 32], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_shapes_number_of_samples(case, n):
+    check_fp64_and_fp32(case, randn(3, n, 37, seed=n))
+
+
+# 2047/2048/2049 straddle the kernels' column tile (kTile in csrc/cpu/tile.h; 511-513 the former
+# one); 4099 with B = 5 splits the batch over several parallel tasks; 100_000 is a long accumulation.
+D_VALUES = [1, 2, 7, 31, 33, 100, 511, 512, 513, 1000, 2047, 2048, 2049, 4099, 100_000]
+
+
+@pytest.mark.parametrize("d", D_VALUES, ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_shapes_feature_dim(case, d):
+    b = 1 if d >= 100_000 else 5
+    # n <= D keeps the cosine matrix full rank (n > D makes R_DPP ill-conditioned: ~1/jitter sized
+    # terms that cancel); D = 1 is rank one whatever n is.
+    n = 2 if d == 2 else 3
+    if case.id == "dpp" and d == 1:
+        check_dpp_rank_one_fp32(randn(b, n, d, seed=d))
+        return
+    check_fp64_and_fp32(case, randn(b, n, d, seed=d))
+
+
+def check_dpp_rank_one_fp32(x64):
+    """R_DPP of linearly dependent rows (D = 1): the true gradient is 0, but (C + jitter I)^-1 has
+    entries ~1/jitter. The fused pullback forms dX = A X with A rounded to fp32, so those terms cancel
+    only up to ~eps32 / (jitter * r_i); the reference's projection (g - <g,u>u) / r cancels exactly in
+    one dimension. fp64 must still match exactly, and fp32 must stay inside that conditioning bound."""
+    w = upstream_weights(x64.shape[0])
+    case = next(c for c in LOSS_CASES if c.id == "dpp")
+    fused, ref = fused_and_reference(case, x64, w)
+    assert_close64(fused[0], ref[0], "dpp fp64 value")
+    assert_close64(fused[1], ref[1], "dpp fp64 gradient", rtol=1e-8)
+    fused32, ref32 = fused_and_reference(case, x64.float(), w)
+    assert_parity(fused32[0], ref32[0], ref[0], torch.float32, "dpp fp32 value")
+    bound = 100 * torch.finfo(torch.float32).eps / 1e-4 / x64.abs() * w.abs().max()
+    err = (fused32[1].double() - ref[1]).abs()
+    assert (err <= bound).all(), f"dpp fp32 gradient error {err.max():.3e} above the bound {bound.min():.3e}"
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_shapes_many_inputs_threaded(case):
+    """Enough inputs for at::parallel_for to split the batch: every input must still get its own loss."""
+    x = randn(67, 5, 600, seed=2)
+    check_fp64_and_fp32(case, x)
+    per_input = case(x, backend="cpu", reduction="none")
+    one_by_one = torch.cat([case(x[b:b + 1], backend="cpu", reduction="none") for b in range(x.shape[0])])
+    assert torch.equal(per_input, one_by_one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_multi_dim_features_equal_flattened(case, backend):
+    x = randn(2, 4, 3, 5, 7, seed=4)
+    w = upstream_weights(2)
+    v, g = value_and_grad(loss_fn(case, backend), x, w)
+    vf, gf = value_and_grad(loss_fn(case, backend), x.flatten(2), w)
+    assert g.shape == x.shape
+    assert_close64(v, vf, "value")
+    assert_close64(g.flatten(2), gf, "gradient")
+    check_fp64_and_fp32(case, x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_dim_features_normalize_and_cosine_gram(backend):
+    x = randn(2, 4, 3, 5, 7, seed=5)
+    u = fastdiv.normalize(x, backend=backend)
+    assert u.shape == x.shape
+    assert_close64(u, reference.normalize(x), "normalize")
+    assert_close64(u.flatten(2).norm(dim=-1), torch.ones(2, 4, dtype=torch.float64), "unit norms")
+    c = fastdiv.cosine_gram(x, backend=backend)
+    assert c.shape == (2, 4, 4)
+    assert_close64(c, reference.cosine_gram(x), "cosine_gram")
+
+
+# the reference's u.var over an empty batch warns (harmless: the result is empty)
+@pytest.mark.filterwarnings("ignore:var\\(\\):UserWarning")
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_empty_batch(case, backend, reduction):
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(0, 4, 3, 5, dtype=dtype, requires_grad=True)
+        out = case(x, backend=backend, reduction=reduction)
+        expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert out.dtype == expected_dtype
+        if reduction == "none":
+            assert out.shape == (0,)
+        else:
+            assert out.shape == ()
+            assert out.item() == 0.0
+        out.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("sample_dim", [1, 0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_normalize_cosine_gram_stats(backend, sample_dim):
+    x = torch.zeros(0, 3, 4) if sample_dim == 1 else torch.zeros(3, 0, 4)
+    x.requires_grad_()
+    u = fastdiv.normalize(x, backend=backend, sample_dim=sample_dim)
+    assert u.shape == x.shape
+    c = fastdiv.cosine_gram(x, backend=backend, sample_dim=sample_dim)
+    assert c.shape == (0, 3, 3)
+    (u.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape
+    stats = fastdiv.concentration_stats(x.detach(), backend=backend, sample_dim=sample_dim)
+    assert all(getattr(stats, f).shape == (0,) for f in STAT_FIELDS)
+
+
+# =====================================================================================================
+# 4. non-contiguous inputs and sample_dim=0
+# =====================================================================================================
+
+B, N, F1, F2 = 3, 5, 4, 6
+
+# name: (shape of the contiguous base tensor, base -> grads view, sample_dim of the view)
+LAYOUTS = {
+    "slice-n-stride2": ((2 * B, 2 * N, F1, F2), lambda t: t[:B, ::2], 1),
+    "slice-batch-and-offset": ((2 * B, 2 * N, F1, F2), lambda t: t[1:2 * B:2, 3:3 + N], 1),
+    # [n, B, ...] storage read as [B, n, ...]: the strides of B and n swap, no copy needed
+    "transposed-batch": ((N, B, F1, F2), lambda t: t.transpose(0, 1), 1),
+    # feature dims not row-major: as_rows must make one copy
+    "permuted-features": ((B, N, F2, F1), lambda t: t.permute(0, 1, 3, 2), 1),
+    "strided-features": ((B, N, F1, 2 * F2), lambda t: t[..., ::2], 1),
+    "expanded-batch": ((1, N, F1, F2), lambda t: t.expand(B, N, F1, F2), 1),
+    "sample_dim0": ((N, B, F1, F2), lambda t: t, 0),
+    "sample_dim0-noncontiguous": ((2 * N, B, F1, F2), lambda t: t[::2], 0),
+    # the issue's grads.transpose(0, 1) of a [B, n, ...] tensor
+    "sample_dim0-from-transpose": ((B, N, F1, F2), lambda t: t.transpose(0, 1), 0),
+}
+LAYOUT_IDS = list(LAYOUTS)
+
+
+def as_batch_first(view: torch.Tensor, sample_dim: int) -> torch.Tensor:
+    """The same values as a contiguous [B, n, *features] tensor (differentiable)."""
+    return (view.transpose(0, 1) if sample_dim == 0 else view).contiguous()
+
+
+def layout_case(name: str):
+    shape, make_view, sample_dim = LAYOUTS[name]
+    base = randn(*shape, seed=21)
+    view = make_view(base)
+    assert view.shape == ((N, B, F1, F2) if sample_dim == 0 else (B, N, F1, F2))
+    if name not in ("transposed-batch", "sample_dim0", "sample_dim0-from-transpose"):
+        assert not view.is_contiguous()
+    return base, make_view, sample_dim
+
+
+@pytest.mark.parametrize("name", LAYOUT_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_layouts_losses(case, backend, name):
+    """Values and gradients (w.r.t. the base tensor of the view) equal those of the reference on a
+    contiguous [B, n, ...] copy."""
+    base, make_view, sample_dim = layout_case(name)
+    w = upstream_weights(B)
+    v, grad = value_and_grad(
+        lambda t: case(make_view(t), backend=backend, reduction="none", sample_dim=sample_dim), base, w)
+    v_ref, grad_ref = value_and_grad(
+        lambda t: case(as_batch_first(make_view(t), sample_dim), backend="torch", reduction="none"), base, w)
+    assert_close64(v, v_ref, "value")
+    assert_close64(grad, grad_ref, "gradient", rtol=1e-8)
+    # same backend, contiguous copy: the layout does not change the numbers
+    v_copy = case(as_batch_first(make_view(base), sample_dim), backend=backend, reduction="none")
+    assert_close64(v, v_copy, "value vs contiguous copy", rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", LAYOUT_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_normalize_cosine_gram_stats(backend, name):
+    base, make_view, sample_dim = layout_case(name)
+    view = make_view(base)
+    contiguous = as_batch_first(view, sample_dim)
+    u = fastdiv.normalize(view, backend=backend, sample_dim=sample_dim)
+    assert u.shape == view.shape  # normalize returns the caller's layout
+    assert_close64(as_batch_first(u, sample_dim), reference.normalize(contiguous), "normalize")
+    c = fastdiv.cosine_gram(view, backend=backend, sample_dim=sample_dim)
+    assert_close64(c, reference.cosine_gram(contiguous), "cosine_gram")
+    stats = fastdiv.concentration_stats(view, backend=backend, sample_dim=sample_dim)
+    expected = reference.concentration_stats(contiguous)
+    for field in STAT_FIELDS:
+        assert_close64(getattr(stats, field), getattr(expected, field), field)
+    gen = torch.Generator().manual_seed(5)
+    wu = torch.rand(u.shape, generator=gen, dtype=torch.float64)
+    wc = torch.rand(c.shape, generator=gen, dtype=torch.float64)
+
+    def fused(t):
+        v = make_view(t)
+        return ((fastdiv.normalize(v, backend=backend, sample_dim=sample_dim) * wu).sum()
+                + (fastdiv.cosine_gram(v, backend=backend, sample_dim=sample_dim) * wc).sum())
+
+    def ref(t):
+        v = make_view(t)
+        wu_b = wu.transpose(0, 1) if sample_dim == 0 else wu
+        return (reference.normalize(as_batch_first(v, sample_dim)) * wu_b).sum() + (
+            reference.cosine_gram(as_batch_first(v, sample_dim)) * wc).sum()
+
+    assert_close64(value_and_grad(fused, base)[1], value_and_grad(ref, base)[1], "gradient", rtol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_sample_dim0_equals_transpose(case, backend):
+    """The issue's contract: loss(grads.transpose(0, 1), sample_dim=0) == loss(grads)."""
+    grads = randn(4, 6, 9, seed=41)
+    a = case(grads, backend=backend, reduction="none")
+    b = case(grads.transpose(0, 1), backend=backend, reduction="none", sample_dim=0)
+    assert_close64(b, a, "sample_dim=0")
+
+
+# =====================================================================================================
+# 5. degenerate inputs, non-finite inputs, inputs never modified
+# =====================================================================================================
+
+
+def degenerate(kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """[2, n, 6] inputs of each degenerate kind (n = 4 unless the kind fixes it)."""
+    u = randn(2, 1, 6, seed=51)
+    scales = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)[None, :, None]
+    if kind == "zero-row":
+        x = randn(2, 4, 6, seed=52)
+        x[:, 1] = 0
+    elif kind == "two-zero-rows":
+        x = randn(2, 4, 6, seed=53)
+        x[:, 0] = 0
+        x[:, 3] = 0
+    elif kind == "all-zero":
+        x = torch.zeros(2, 4, 6, dtype=torch.float64)
+    elif kind == "duplicate-rows":
+        x = randn(2, 4, 6, seed=54)
+        x[:, 2] = x[:, 0]
+    elif kind == "aligned":  # equal up to positive scale
+        x = u * scales
+    elif kind == "identical":
+        x = u.expand(2, 4, 6).clone()
+    elif kind == "anti-aligned-pair":
+        x = torch.cat([u, -u], dim=1)
+    elif kind == "anti-aligned-4":
+        x = torch.cat([u, -2 * u, 0.5 * u, -u], dim=1)
+    elif kind == "tiny-row":  # 0 < ||row|| < eps
+        x = randn(2, 4, 6, seed=55)
+        x[:, 2] *= 1e-14
+    else:
+        raise AssertionError(kind)
+    return x.to(dtype)
+
+
+DEGENERATE = ["zero-row", "two-zero-rows", "all-zero", "duplicate-rows", "aligned", "identical",
+              "anti-aligned-pair", "anti-aligned-4", "tiny-row"]
+# Rows below the norm floor in fp16 (zero rows; a row of norm 1e-14 flushes to zero) have their own
+# tests (test_zero_rows_fp16_*): fp16 cannot hold eps = 1e-12 nor the ~1/eps derivative there. The
+# reference (torch backend) is checked where it is finite, fp64 and fp32: in bf16/fp16 it computes the
+# cosines in half precision, and for aligned rows they exceed 1 by more than the jitter (log det NaN).
+FP16_BELOW_FLOOR = ("zero-row", "two-zero-rows", "all-zero", "tiny-row")
+DEGENERATE_PARAMS = [
+    pytest.param(kind, dtype, backend, id=f"{kind}-{dtype_id(dtype)}-{backend}")
+    for kind in DEGENERATE
+    for dtype in ALL_DTYPES
+    for backend in BACKENDS
+    if not (backend == "torch" and dtype in (torch.float16, torch.bfloat16))
+    and not (dtype == torch.float16 and kind in FP16_BELOW_FLOOR)
+]
+
+
+def assert_finite(t: torch.Tensor, what: str) -> None:
+    assert torch.isfinite(t).all(), f"{what} is not finite: {t}"
+
+
+@pytest.mark.parametrize("kind,dtype,backend", DEGENERATE_PARAMS)
+def test_degenerate_inputs_finite(kind, dtype, backend):
+    x = degenerate(kind, dtype)
+    for case in LOSS_CASES:
+        for reduction in ("none", "mean"):
+            leaf = x.clone().requires_grad_()
+            out = case(leaf, backend=backend, reduction=reduction)
+            assert_finite(out, f"{case.id} forward")
+            out.sum().backward()
+            assert_finite(leaf.grad, f"{case.id} gradient")
+    leaf = x.clone().requires_grad_()
+    (fastdiv.normalize(leaf, backend=backend).float().sum() + fastdiv.cosine_gram(leaf, backend=backend).sum()).backward()
+    assert_finite(leaf.grad, "normalize/cosine_gram gradient")
+    for q in (1.0, 2.0, math.inf):
+        stats = fastdiv.concentration_stats(x, q=q, backend=backend)
+        for field in STAT_FIELDS:
+            assert_finite(getattr(stats, field), f"concentration_stats.{field} (q={q})")
+
+
+@pytest.mark.parametrize("kind", DEGENERATE)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_degenerate_inputs_backends_agree(case, kind):
+    """fp64: the kernels give the reference's values and gradients on degenerate rows too."""
+    x = degenerate(kind, torch.float64)
+    w = upstream_weights(2)
+    fused, ref = fused_and_reference(case, x, w)
+    assert_close64(fused[0], ref[0], "value", rtol=1e-8)
+    if case.id == "max":
+        # At a tie of the max the two backends pick different (valid) subgradients: the kernel the
+        # first pair, amax an even split. Compare gradients only where the max is unique or where all
+        # tied pairs are aligned (there every subgradient is ~0).
+        c = reference.cosine_gram(x)
+        off = ~torch.eye(x.shape[1], dtype=torch.bool)
+        ties = (c[:, off] >= c[:, off].amax(dim=-1, keepdim=True) - 1e-12).sum(dim=-1)
+        if (ties > 2).any() and kind not in ("aligned", "identical"):
+            return
+    assert_close64(fused[1], ref[1], "gradient", rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_input_values(backend):
+    """u = 0 everywhere: every cosine is 0, rho = 0, Var = 0; every gradient is exactly 0."""
+    n, d = 4, 6
+    x = torch.zeros(2, n, d, dtype=torch.float64)
+    expected = {
+        "dpp": -n * math.log(1e-4),
+        "mean": 0.0, "kappa": 0.0, "max": 0.0,
+        "smoothmax": math.log(n * (n - 1)), "gal": math.log(n * (n - 1) / 2),
+        "mean_penalty": 0.0, "var-target": d * (1.0 / d) ** 2, "var-min": 0.0, "var-softmin": 0.0,
+        "sparsity": 0.0,
+    }
+    for case in LOSS_CASES:
+        v, g = value_and_grad(loss_fn(case, backend), x)
+        assert_close64(v, torch.full((2,), expected[case.id], dtype=torch.float64), case.id)
+        assert g.abs().max().item() == 0.0, case.id
+    stats = fastdiv.concentration_stats(x, backend=backend)
+    assert stats.rho.abs().max() == 0 and stats.rho_q.abs().max() == 0 and stats.kappa.abs().max() == 0
+
+
+@pytest.mark.parametrize("jitter", [1e-4, 1e-2])
+@pytest.mark.parametrize("n", [2, 3, 10])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpp_aligned_rows_documented_value(backend, n, jitter):
+    """dpp_loss docstring: fully aligned rows give -(n-1) log(jitter) - log(n + jitter), finite gradient."""
+    scales = torch.linspace(0.5, 3.0, n, dtype=torch.float64)[None, :, None]
+    x = randn(3, 1, 8, seed=61) * scales
+    v, g = value_and_grad(lambda t: fastdiv.dpp_loss(t, jitter=jitter, backend=backend, reduction="none"), x)
+    expected = -(n - 1) * math.log(jitter) - math.log(n + jitter)
+    assert_close64(v, torch.full((3,), expected, dtype=torch.float64), "aligned R_DPP", rtol=1e-7)
+    assert_finite(g, "gradient")
+    if n == 10 and jitter == 1e-4:
+        assert abs(expected - 80.6) < 0.05  # the number quoted in the docstring
+    # fp32 input: the fused kernels keep the same value
+    v32 = fastdiv.dpp_loss(x.float(), jitter=jitter, backend="cpu", reduction="none")
+    torch.testing.assert_close(v32.double(), v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_anti_aligned_pair_values(backend):
+    u = randn(2, 1, 5, seed=62)
+    x = torch.cat([u, -3 * u], dim=1)
+    kw = dict(backend=backend, reduction="none")
+    minus_one = torch.full((2,), -1.0, dtype=torch.float64)
+    assert_close64(fastdiv.mean_cosine_loss(x, **kw), minus_one, "R_mean")
+    assert_close64(fastdiv.max_cosine_loss(x, **kw), minus_one, "R_max")
+    assert_close64(fastdiv.mean_penalty(x, **kw), torch.zeros(2, dtype=torch.float64), "Omega_M")
+    # rho = sqrt(sum_ij C_ij) / n (DESIGN.md §2): the sqrt of a sum that cancels to ~1e-16 leaves rho
+    # (and R_kappa ~ rho near 0) at ~1e-8 in fp64, not 1e-16.
+    assert_close64(fastdiv.kappa_loss(x, **kw), torch.zeros(2, dtype=torch.float64), "R_kappa", atol=1e-7)
+    j = 1e-4  # det [[1 + j, -1], [-1, 1 + j]] = 2 j + j^2
+    assert_close64(fastdiv.dpp_loss(x, **kw), torch.full((2,), -math.log(2 * j + j * j), dtype=torch.float64),
+                   "R_DPP", rtol=1e-7)
+    stats = fastdiv.concentration_stats(x, backend=backend)
+    assert_close64(stats.rho, torch.zeros(2, dtype=torch.float64), "rho", atol=1e-7)
+    assert_close64(stats.mean_cos, minus_one, "mean_cos")
+    assert_close64(stats.coherence, minus_one, "coherence")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kappa_clamp_aligned_rows(backend):
+    """kappa_loss docstring: above rho_max the loss is the constant kappa_hat(rho_max) / p, gradient 0."""
+    d = 6
+    x = randn(2, 1, d, seed=63) * torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)[None, :, None]
+    for rho_max, p in [(1 - 1e-6, None), (0.9, None), (0.5, 3.0)]:
+        kw = {} if p is None else {"p": p}
+        v, g = value_and_grad(lambda t: fastdiv.kappa_loss(t, rho_max=rho_max, backend=backend, reduction="none", **kw), x)
+        pp = float(d if p is None else p)
+        expected = rho_max * (pp - rho_max) / (1 - rho_max ** 2) / pp
+        assert_close64(v, torch.full((2,), expected, dtype=torch.float64), f"rho_max={rho_max}", rtol=1e-6)
+        assert g.abs().max().item() == 0.0
+    # below the clamp: a partially aligned input is not clamped and has a gradient
+    y = randn(2, 3, d, seed=64)
+    v, g = value_and_grad(lambda t: fastdiv.kappa_loss(t, rho_max=0.999, backend=backend, reduction="none"), y)
+    rho = reference.mean_resultant_length(y)
+    assert_close64(v, rho * (d - rho) / (1 - rho ** 2) / d, "unclamped")
+    assert g.abs().max().item() > 0
+
+
+def cancelling_rows(seed: int) -> torch.Tensor:
+    """Inputs whose unit rows sum to ~0 (rho ~ 0): rows [u, -3u, 0.7v, -v] (scales that are not powers
+    of two, so the products are rounded as in real data)."""
+    u, v = randn(4, 1, 50, seed=seed), randn(4, 1, 50, seed=seed + 1)
+    return torch.cat([u, -3 * u, 0.7 * v, -v], dim=1)
+
+
+@pytest.mark.parametrize("target", ["kappa", "mean_penalty", "stats-rho", "stats-kappa", "stats-rho_q"])
+def test_parity_fp32_cancelling_rows(target):
+    """The parity rule near rho = 0, where the unit gradients cancel (a perfectly diverse set)."""
+    x64 = cancelling_rows(seed=65)
+    x32 = x64.float()
+    if target.startswith("stats-"):
+        field = target[len("stats-"):]
+        get = lambda t, be: getattr(fastdiv.concentration_stats(t, backend=be), field)  # noqa: E731
+        assert_parity(get(x32, "cpu"), get(x32, "torch"), get(x64, "torch"), torch.float32, field)
+    else:
+        case = LOSS_BY_ID[target]
+        truth = case(x64, backend="torch", reduction="none")
+        assert_parity(case(x32, backend="cpu", reduction="none"), case(x32, backend="torch", reduction="none"),
+                      truth, torch.float32, target)
+
+
+NONFINITE = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+
+
+@pytest.mark.parametrize("value", list(NONFINITE), ids=list(NONFINITE))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_input_gives_nan_for_that_input(backend, dtype, value):
+    x = randn(3, 4, 5, seed=71).to(dtype)
+    x[1, 2, 3] = NONFINITE[value]
+    clean = torch.tensor([True, False, True])
+    for case in LOSS_CASES:
+        leaf = x.clone().requires_grad_()
+        out = case(leaf, backend=backend, reduction="none")
+        assert torch.isnan(out).tolist() == [False, True, False], f"{case.id}: {out}"
+        out.sum().backward()  # no crash
+        assert_finite(leaf.grad[clean], f"{case.id} gradient of the clean inputs")
+        for reduction in ("mean", "sum"):
+            assert torch.isnan(case(x, backend=backend, reduction=reduction)), case.id
+    for q in (1.0, 2.0, math.inf):
+        stats = fastdiv.concentration_stats(x, q=q, backend=backend)
+        for field in STAT_FIELDS:
+            assert torch.isnan(getattr(stats, field)).tolist() == [False, True, False], f"{field} (q={q})"
+    u = fastdiv.normalize(x, backend=backend)
+    assert torch.isnan(u.flatten(2)).any(-1).tolist() == [[False] * 4, [False, False, True, False], [False] * 4]
+    c = fastdiv.cosine_gram(x, backend=backend)
+    assert torch.isnan(c.flatten(1)).any(-1).tolist() == [False, True, False]
+    assert torch.isfinite(c[clean]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_nonfinite_input_backend_agreement(case, backend):
+    """The clean inputs of a batch with a NaN input keep their exact values and gradients."""
+    x = randn(3, 4, 5, seed=72)
+    y = x.clone()
+    y[1, 0, 0] = math.nan
+    w = upstream_weights(3)
+    v, g = value_and_grad(loss_fn(case, backend), x, w)
+    vn, gn = value_and_grad(loss_fn(case, backend), y, w)
+    keep = torch.tensor([True, False, True])
+    assert_close64(vn[keep], v[keep], "values")
+    assert_close64(gn[keep], g[keep], "gradients")
+
+
+@pytest.mark.parametrize("sample_dim", [1, 0])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_never_modified(backend, dtype, sample_dim):
+    base = randn(5, 3, 2, 7, seed=81).to(dtype)
+    base[1, 0] = 0  # a zero row
+    for x in (base, base[:, ::2, :, ::3]):  # contiguous and strided
+        before = x.clone()
+        leaf = x.clone().requires_grad_()
+        leaf_before = leaf.detach().clone()
+        total = 0
+        for case in LOSS_CASES:
+            total = total + case(leaf, backend=backend, sample_dim=sample_dim)
+        total = total + fastdiv.normalize(leaf, backend=backend, sample_dim=sample_dim).float().sum()
+        total = total + fastdiv.cosine_gram(leaf, backend=backend, sample_dim=sample_dim).sum()
+        total.backward()
+        fastdiv.concentration_stats(x, backend=backend, sample_dim=sample_dim)
+        fastdiv.concentration_stats(x, q=math.inf, backend=backend, sample_dim=sample_dim)
+        assert torch.equal(x, before)
+        assert torch.equal(leaf.detach(), leaf_before)
+
+
+# Documented guarantee (losses.py module docstring, DESIGN.md §3): "an all-zero gradient maps to the
+# zero vector and never produces NaN". Half precision has its own tests because fp16's range (6.1e-5 ..
+# 65504) cannot hold eps = 1e-12 nor the 1/eps-sized derivative of a row below the norm floor.
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_fp16_forward_finite(backend):
+    bad = []
+    for case in LOSS_CASES:
+        for kind in ("zero-row", "all-zero"):
+            if not torch.isfinite(case(degenerate(kind, torch.float16), backend=backend, reduction="none")).all():
+                bad.append(f"{case.id}/{kind}")
+    u = fastdiv.normalize(degenerate("zero-row", torch.float16), backend=backend)
+    if not torch.isfinite(u).all():
+        bad.append("normalize/zero-row")
+    assert not bad, f"backend={backend!r}: NaN/Inf forward on fp16 inputs with zero rows: {bad}"
+
+
+def test_zero_rows_fp16_backward_finite():
+    bad = []
+    for case in LOSS_CASES:
+        x = degenerate("zero-row", torch.float16).requires_grad_()
+        case(x, backend="cpu").backward()
+        if not torch.isfinite(x.grad).all():
+            bad.append(f"{case.id} (max |grad| of the zero row: {x.grad[:, 1].abs().max().item()})")
+    assert not bad, f"backend='cpu': NaN/Inf gradient on fp16 inputs with a zero row: {bad}"
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-20], ids=lambda e: f"eps{e:g}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_zero_rows_small_eps_finite(case, backend, dtype, eps):
+    """Any positive finite eps is accepted; zero rows must stay finite in forward and backward."""
+    x = degenerate("zero-row", dtype).requires_grad_()
+    out = case(x, backend=backend, eps=eps, reduction="none")
+    assert_finite(out, "forward")
+    out.sum().backward()
+    assert_finite(x.grad, f"{case.id} gradient ({backend}, {dtype}, eps={eps})")
+
+
+# =====================================================================================================
+# 6. argument errors
+# =====================================================================================================
+
+X = randn(2, 3, 4, seed=91).float()
+LOSS_FNS = {c.id: c for c in LOSS_CASES}
+ALL_FNS = {**LOSS_FNS, "normalize": fastdiv.normalize, "cosine_gram": fastdiv.cosine_gram,
+           "concentration_stats": fastdiv.concentration_stats}
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_error_wrong_rank(name):
+    fn = ALL_FNS[name]
+    for bad in (torch.randn(3, 4), torch.randn(4)):
+        with pytest.raises(ValueError, match="grads"):
+            fn(bad)
+        with pytest.raises(ValueError, match="grads"):
+            fn(bad, sample_dim=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_error_dtype(name, backend):
+    fn = ALL_FNS[name]
+    for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.complex128):
+        with pytest.raises(TypeError, match=r"grads.*dtype"):
+            fn(torch.ones(2, 3, 4, dtype=dtype), backend=backend)
+    with pytest.raises(TypeError, match="grads"):
+        fn([[[1.0, 2.0]]], backend=backend)
+
+
+@pytest.mark.parametrize("name", list(LOSS_FNS) + ["concentration_stats"])
+def test_error_too_few_samples(name):
+    fn = ALL_FNS[name]
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="at least 2 gradient samples"):
+            fn(torch.randn(3, 1, 4), backend=backend)
+        with pytest.raises(ValueError, match="at least 2 gradient samples"):
+            fn(torch.randn(1, 3, 4), sample_dim=0, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["normalize", "cosine_gram"])
+def test_single_sample_allowed_for_normalize_and_cosine_gram(name):
+    x = randn(3, 1, 4, seed=92)
+    out = ALL_FNS[name](x, backend="cpu")
+    assert_close64(out, ALL_FNS[name](x, backend="torch"), name)
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_error_no_features_and_bad_sample_dim(name):
+    fn = ALL_FNS[name]
+    with pytest.raises(ValueError, match="features"):
+        fn(torch.randn(2, 3, 0))
+    for sd in (2, -1, None):
+        with pytest.raises(ValueError, match="sample_dim"):
+            fn(X, sample_dim=sd)
+
+
+@pytest.mark.parametrize("name", list(LOSS_FNS))
+def test_error_reduction(name):
+    for bad in ("avg", "MEAN", None, ""):
+        with pytest.raises(ValueError, match="reduction"):
+            LOSS_FNS[name](X, reduction=bad)
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_error_backend(name):
+    fn = ALL_FNS[name]
+    with pytest.raises(ValueError, match="backend"):
+        fn(X, backend="gpu")
+    with pytest.raises(ValueError, match="backend='cuda'"):  # a CPU tensor cannot run on the CUDA backend
+        fn(X, backend="cuda")
+    with pytest.raises(RuntimeError, match="triton"):  # not in this release
+        fn(X, backend="triton")
+
+
+@pytest.mark.parametrize("name", list(ALL_FNS))
+def test_error_eps(name):
+    for bad in (0, 0.0, -1e-12, math.inf, math.nan, "1e-12", True):
+        with pytest.raises(ValueError, match="eps"):
+            ALL_FNS[name](X, eps=bad)
+
+
+def test_error_hyperparameters():
+    for bad in (0, -1e-4, math.inf, math.nan, None):
+        with pytest.raises(ValueError, match="jitter"):
+            fastdiv.dpp_loss(X, jitter=bad)
+        with pytest.raises(ValueError, match="jitter"):
+            fastdiv.concentration_stats(X, jitter=bad)
+    for bad in (0, -3.0, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match=r"\bp\b"):
+            fastdiv.kappa_loss(X, p=bad)
+    for bad in (0.0, 1.0, -0.5, 1.5, math.nan):
+        with pytest.raises(ValueError, match="rho_max"):
+            fastdiv.kappa_loss(X, rho_max=bad)
+        with pytest.raises(ValueError, match="rho_max"):
+            fastdiv.concentration_stats(X, rho_max=bad)
+    for bad in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            fastdiv.variance_penalty(X, kind="softmin", temperature=bad)
+    for bad in (0.0, 0.999, -1.0, math.nan, "2", None, True):
+        with pytest.raises((ValueError, TypeError), match=r"\bq\b"):
+            fastdiv.concentration_stats(X, q=bad)
+
+
+def test_error_variance_kind_and_diversity_name():
+    for bad in ("max", "Target", "", None):
+        with pytest.raises(ValueError, match="kind"):
+            fastdiv.variance_penalty(X, kind=bad)
+        with pytest.raises(ValueError, match="kind"):
+            fastdiv.diversity_loss("d3-var", X, kind=bad)
+    for bad in ("foo", "DPP", "d3", "kappa_loss"):
+        with pytest.raises(ValueError, match="name"):
+            fastdiv.diversity_loss(bad, X)
+    with pytest.raises(TypeError):  # a keyword the chosen loss does not take
+        fastdiv.diversity_loss("mean", X, jitter=1e-3)
+
+
+def test_error_mentions_function_and_shape():
+    with pytest.raises(ValueError) as info:
+        fastdiv.gal_loss(torch.randn(3, 1, 4))
+    assert "gal_loss" in str(info.value) and "(3, 1, 4)" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        fastdiv.mean_penalty(torch.randn(5, 6))
+    assert "mean_penalty" in str(info.value) and "(5, 6)" in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_error_cpu_backend_on_cuda_tensor():
+    x = torch.randn(2, 3, 4, device="cuda")
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        fastdiv.dpp_loss(x, backend="cpu")
+
+
+# =====================================================================================================
+# dtypes, reductions, dispatch, hyperparameters, concentration_stats
+# =====================================================================================================
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_dtypes(backend, dtype):
+    x = randn(3, 4, 5, seed=101).to(dtype).requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for case in LOSS_CASES:
+        for reduction in ("none", "mean", "sum"):
+            out = case(x, backend=backend, reduction=reduction)
+            assert out.dtype == acc, (case.id, reduction)
+            assert out.shape == ((3,) if reduction == "none" else ())
+            assert out.requires_grad
+        (grad,) = torch.autograd.grad(case(x, backend=backend), x)
+        assert grad.dtype == dtype and grad.shape == x.shape
+    u = fastdiv.normalize(x, backend=backend)
+    assert u.dtype == dtype and u.shape == x.shape
+    assert fastdiv.cosine_gram(x, backend=backend).dtype == acc
+    stats = fastdiv.concentration_stats(x, backend=backend)
+    for field in STAT_FIELDS:
+        t = getattr(stats, field)
+        assert t.dtype == acc and t.shape == (3,) and not t.requires_grad, field
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=LOSS_IDS)
+def test_reductions(case, backend):
+    x = randn(5, 4, 6, seed=102)
+    none = case(x, backend=backend, reduction="none")
+    assert_close64(case(x, backend=backend, reduction="sum"), none.sum(), "sum")
+    assert_close64(case(x, backend=backend, reduction="mean"), none.mean(), "mean")
+    assert_close64(case(x, backend=backend), none.mean(), "default reduction is mean")
+    # per-input independence: each entry only depends on its own input
+    assert_close64(none[2:3], case(x[2:3], backend=backend, reduction="none"), "per input")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diversity_loss_dispatch(backend):
+    assert set(fastdiv.DIVERSITY_LOSSES) == {"dpp", "mean", "kappa", "max", "smoothmax", "gal", "d3-mean",
+                                              "d3-var", "d3-sparse"}
+    expected_fns = {"dpp": fastdiv.dpp_loss, "mean": fastdiv.mean_cosine_loss, "kappa": fastdiv.kappa_loss,
+                    "max": fastdiv.max_cosine_loss, "smoothmax": fastdiv.smoothmax_cosine_loss,
+                    "gal": fastdiv.gal_loss, "d3-mean": fastdiv.mean_penalty, "d3-var": fastdiv.variance_penalty,
+                    "d3-sparse": fastdiv.sparsity_penalty}
+    assert fastdiv.DIVERSITY_LOSSES == expected_fns
+    x = randn(3, 4, 5, seed=103)
+    for name, fn in expected_fns.items():
+        assert torch.equal(fastdiv.diversity_loss(name, x, backend=backend, reduction="none"),
+                           fn(x, backend=backend, reduction="none")), name
+    # keyword arguments reach the chosen loss
+    assert torch.equal(fastdiv.diversity_loss("dpp", x, jitter=1e-2, backend=backend),
+                       fastdiv.dpp_loss(x, jitter=1e-2, backend=backend))
+    assert torch.equal(fastdiv.diversity_loss("d3-var", x, kind="softmin", temperature=0.2, backend=backend),
+                       fastdiv.variance_penalty(x, kind="softmin", temperature=0.2, backend=backend))
+    assert not torch.equal(fastdiv.diversity_loss("d3-var", x, kind="min", backend=backend),
+                           fastdiv.diversity_loss("d3-var", x, backend=backend))
+
+
+HYPER = [
+    ("dpp", dict(jitter=1e-2)), ("dpp", dict(jitter=1e-7)), ("dpp", dict(jitter=3)),
+    ("kappa", dict(p=3.5)), ("kappa", dict(p=1)), ("kappa", dict(rho_max=0.3)),
+    ("var-softmin", dict(temperature=0.5)), ("var-softmin", dict(temperature=1e-4)),
+    ("mean", dict(eps=0.5)), ("sparsity", dict(eps=0.5)), ("var-target", dict(eps=0.5)),
+]
+
+
+@pytest.mark.parametrize("case_id,kw", HYPER, ids=[f"{c}-{kw}" for c, kw in HYPER])
+def test_hyperparameters_parity(case_id, kw):
+    case = LOSS_BY_ID[case_id]
+    x = randn(4, 5, 6, seed=104)
+    x[:, 1] *= 0.1  # below eps=0.5 for the eps cases
+    check_fp64_and_fp32(case, x, **kw)
+    # the parameter is actually used
+    default = case(x, backend="cpu", reduction="none")
+    assert not torch.allclose(case(x, backend="cpu", reduction="none", **kw), default), "parameter had no effect"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variance_temperature_default_is_one_over_d(backend):
+    x = randn(3, 4, 9, seed=105)
+    a = fastdiv.variance_penalty(x, kind="softmin", backend=backend, reduction="none")
+    b = fastdiv.variance_penalty(x, kind="softmin", temperature=1 / 9, backend=backend, reduction="none")
+    assert_close64(a, b, "temperature default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kappa_p_default_is_feature_dim(backend):
+    x = randn(3, 4, 2, 5, seed=106)
+    assert_close64(fastdiv.kappa_loss(x, backend=backend), fastdiv.kappa_loss(x, p=10, backend=backend), "p = D")
+
+
+def test_auto_backend_is_cpu_kernels():
+    x = randn(3, 4, 5, seed=107).float()
+    for case in LOSS_CASES:
+        assert torch.equal(case(x, reduction="none"), case(x, backend="cpu", reduction="none")), case.id
+    assert torch.equal(fastdiv.normalize(x), fastdiv.normalize(x, backend="cpu"))
+
+
+@pytest.mark.parametrize("q", [1.0, 1.5, 2.0, 3.0, 7.0, math.inf, 1, 2], ids=lambda q: f"q={q!r}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concentration_stats_q(backend, q):
+    x = randn(4, 5, 11, seed=108)
+    stats = fastdiv.concentration_stats(x, q=q, backend=backend)
+    mean = reference.unit_rows(x).mean(dim=1)
+    if math.isinf(q):
+        expected = mean.abs().amax(dim=-1)
+    else:
+        expected = mean.abs().pow(q).sum(dim=-1).pow(1 / q)
+    assert_close64(stats.rho_q, expected, "rho_q")
+    if q == 2:
+        assert_close64(stats.rho_q, stats.rho, "rho_q == rho for q = 2")
+    # norm ordering: ||m||_inf <= ||m||_q <= ||m||_1
+    assert (stats.rho_q <= fastdiv.concentration_stats(x, q=1.0, backend=backend).rho_q + 1e-12).all()
+    assert (stats.rho_q >= fastdiv.concentration_stats(x, q=math.inf, backend=backend).rho_q - 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+def test_concentration_stats_backends_agree(dtype):
+    x = randn(6, 7, 300, seed=109).to(dtype)
+    for q in (1.0, 2.0, math.inf):
+        for kw in ({}, dict(jitter=1e-2, rho_max=0.5, eps=1e-3)):
+            fused = fastdiv.concentration_stats(x, q=q, backend="cpu", **kw)
+            ref = fastdiv.concentration_stats(x, q=q, backend="torch", **kw)
+            assert isinstance(fused, fastdiv.ConcentrationStats)
+            for field in STAT_FIELDS:
+                if dtype == torch.float64:
+                    assert_close64(getattr(fused, field), getattr(ref, field), field)
+                else:
+                    torch.testing.assert_close(getattr(fused, field), getattr(ref, field), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concentration_stats_no_autograd(backend):
+    x = randn(2, 3, 4, seed=110).requires_grad_()
+    stats = fastdiv.concentration_stats(x, backend=backend)
+    assert all(not getattr(stats, f).requires_grad and getattr(stats, f).grad_fn is None for f in STAT_FIELDS)
