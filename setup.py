@@ -39,7 +39,8 @@ def _rel(paths):
 def extensions():
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     arch = os.environ.get("FASTDIV_CPU_ARCH", "native").strip()
-    cxx = ["-O3", "-fopenmp", "-std=c++17"] + ([f"-march={arch}"] if arch else [])
+    # C++20: torch 2.13's headers are written for it (cpp_extension's own default)
+    cxx = ["-O3", "-fopenmp", "-std=c++20"] + ([f"-march={arch}"] if arch else [])
     args = dict(
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
@@ -47,7 +48,7 @@ def extensions():
     )
     if _build_cuda():
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
-        args["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20"]
         args["define_macros"] = [("FASTDIV_WITH_CUDA", "1")]
         return [cpp_extension.CUDAExtension("fastdiv._C", sources, **args)]
     return [cpp_extension.CppExtension("fastdiv._C", sources, **args)]

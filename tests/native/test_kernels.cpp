@@ -1,0 +1,730 @@
+// Native tests of the fastdiv CPU kernels (csrc/cpu) without Python: the ops are called directly
+// through fastdiv::cpu::* and through the PyTorch dispatcher (proving the TORCH_LIBRARY registrations
+// of csrc/ops.cpp run when the library is loaded). The oracle is plain ATen math in float64.
+// Built and run by CMakeLists.txt (CTest), also under AddressSanitizer + UBSan in CI.
+//
+// A tiny assertion harness instead of GoogleTest (no network in CI): every TEST is a function; an
+// EXPECT that fails prints file:line and marks the test failed; an exception escaping a test fails it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/tile.h"  // kTile: the column tile the kernels stream X in
+
+namespace {
+
+namespace cpu = fastdiv::cpu;
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------- harness
+
+struct TestCase {
+  const char* name;
+  void (*fn)();
+};
+
+std::vector<TestCase>& registry() {
+  static std::vector<TestCase> tests;
+  return tests;
+}
+
+struct Register {
+  Register(const char* name, void (*fn)()) { registry().push_back({name, fn}); }
+};
+
+int g_failed_checks = 0;  // failed checks of the running test
+const char* g_test = "";
+
+void fail(const char* file, int line, const std::string& what) {
+  ++g_failed_checks;
+  if (g_failed_checks <= 20)  // keep a broken kernel from flooding the log
+    std::cerr << file << ":" << line << ": FAILED [" << g_test << "] " << what << std::endl;
+}
+
+#define TEST(name)                               \
+  void name();                                   \
+  const Register register_##name(#name, &name); \
+  void name()
+
+#define EXPECT(cond, ...)                                                               \
+  do {                                                                                  \
+    if (!(cond)) fail(__FILE__, __LINE__, c10::str("expected ", #cond, "; ", __VA_ARGS__)); \
+  } while (0)
+
+// stmt must throw c10::Error (or a subclass: ValueError, TypeError, NotImplementedError, ...).
+#define EXPECT_THROWS(stmt, ...)                                                              \
+  do {                                                                                        \
+    bool thrown_ = false;                                                                     \
+    try {                                                                                     \
+      (void)(stmt);                                                                           \
+    } catch (const c10::Error&) {                                                             \
+      thrown_ = true;                                                                         \
+    } catch (const std::exception& e) {                                                       \
+      thrown_ = true;                                                                         \
+      fail(__FILE__, __LINE__, c10::str(#stmt, " threw a non-c10::Error: ", e.what(), "; ", __VA_ARGS__)); \
+    }                                                                                         \
+    if (!thrown_) fail(__FILE__, __LINE__, c10::str(#stmt, " did not throw; ", __VA_ARGS__)); \
+  } while (0)
+
+// |actual - expected| <= rtol * scale + atol elementwise (all compared in float64). NaN anywhere in
+// actual or expected fails. scale is usually |A| |B| for a product A B, so the bound is the rounding
+// error of the computation rather than a guess relative to a possibly cancelled result.
+bool close(const Tensor& actual, const Tensor& expected, const Tensor& scale, double rtol, double atol,
+           std::string* why) {
+  if (actual.sizes() != expected.sizes()) {
+    *why = c10::str("shape ", actual.sizes(), " != expected ", expected.sizes());
+    return false;
+  }
+  if (actual.numel() == 0) return true;
+  const Tensor a = actual.to(at::kDouble), e = expected.to(at::kDouble);
+  if (!a.isfinite().all().item<bool>() || !e.isfinite().all().item<bool>()) {
+    *why = "non-finite values";
+    return false;
+  }
+  const Tensor err = (a - e).abs();
+  const Tensor excess = err - (rtol * scale.to(at::kDouble).expand_as(err) + atol);
+  const double worst = excess.max().item<double>();
+  if (worst <= 0) return true;
+  const int64_t at = excess.flatten().argmax().item<int64_t>();
+  *why = c10::str("max |actual - expected| = ", err.max().item<double>(), "; worst element ", at,
+                  ": actual ", a.flatten()[at].item<double>(), " expected ", e.flatten()[at].item<double>(),
+                  " (rtol ", rtol, ", atol ", atol, ")");
+  return false;
+}
+
+#define EXPECT_CLOSE(actual, expected, scale, rtol, atol, ...)                             \
+  do {                                                                                     \
+    std::string why_;                                                                      \
+    if (!close((actual), (expected), (scale), (rtol), (atol), &why_))                      \
+      fail(__FILE__, __LINE__, c10::str(#actual, " vs ", #expected, ": ", why_, "; ", __VA_ARGS__)); \
+  } while (0)
+
+bool all_finite(const Tensor& t) { return t.numel() == 0 || t.isfinite().all().item<bool>(); }
+
+// ----------------------------------------------------------------------------------- fixtures
+
+constexpr double kEps = 1e-12;  // fastdiv.reference.EPS
+constexpr double kJitter = 1e-4;  // fastdiv.reference.JITTER
+constexpr double kRhoMax = 1.0 - 1e-6;  // fastdiv.reference.RHO_MAX
+
+const std::vector<std::string> kHeads = {"dpp", "mean", "kappa", "max", "smoothmax", "gal", "mean_penalty",
+                                         "sparsity"};
+const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
+// Feature sizes: tiny, past a 32-wide vector block, just past one and two 512-column blocks (513,
+// 1031), and around the kernels' column tile kTile: one short of it, one past it, past two tiles.
+const std::vector<int64_t> kDims = {1, 7, 33, 513, 1031, cpu::kTile - 1, cpu::kTile + 1, 2 * cpu::kTile + 7};
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Relative rounding of sums of D terms in the accumulation type, against the sum of |terms|: the
+// worst case D * u is 1e-4 at D = 1700 in fp32, the typical sqrt(D) * u far below it for all D here.
+double acc_rtol(at::ScalarType t) { return t == at::kDouble ? 1e-12 : 1e-4; }
+// Relative rounding of a value stored in dtype t after a few accumulation-type operations.
+double out_rtol(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return 1e-12;
+    case at::kFloat: return 2e-5;
+    case at::kHalf: return 2e-3;     // unit roundoff 2^-11
+    case at::kBFloat16: return 1.6e-2;  // unit roundoff 2^-8
+    default: return 0;
+  }
+}
+
+// Standard normal input, rounded to dtype (so x.to(kDouble) is exactly what the kernel reads).
+Tensor randn_input(at::IntArrayRef shape, at::ScalarType dtype) {
+  return at::randn(shape, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+Tensor f64(const Tensor& t) { return t.to(at::kDouble); }
+
+Tensor norms64(const Tensor& x) { return f64(x).square().sum(-1, /*keepdim=*/true).sqrt(); }
+
+// 1 for rows above the norm floor, 0 for rows at or below it ([B, n, 1], float64).
+Tensor active64(const Tensor& x) { return (norms64(x) > kEps).to(at::kDouble); }
+
+// u = x / ||x|| per row in float64; rows with ||x|| <= eps have no direction, u = 0 (DESIGN, reference.py).
+Tensor unit_rows64(const Tensor& x) { return active64(x) * f64(x) / norms64(x).clamp_min(kEps); }
+
+
+// The per-input loss of every head from the formulas of fastdiv/reference.py, in float64.
+Tensor head_oracle(const Tensor& x, const std::string& head, double p = 0) {
+  const Tensor u = unit_rows64(x);
+  const Tensor C = at::bmm(u, u.transpose(1, 2));
+  const int64_t n = x.size(1), D = x.size(2);
+  const auto f64opt = at::TensorOptions().dtype(at::kDouble);
+  const Tensor diag = at::eye(n, f64opt).to(at::kBool);
+  const double inf = std::numeric_limits<double>::infinity();
+  if (head == "dpp") return -at::logdet(C + kJitter * at::eye(n, f64opt));
+  if (head == "mean") return C.masked_fill(diag, 0.0).sum(at::IntArrayRef{1, 2}) / double(n * (n - 1));
+  if (head == "kappa") {
+    const double pp = p > 0 ? p : double(D);
+    const Tensor rho = u.mean(1).square().sum(-1).sqrt().clamp_max(kRhoMax);
+    return rho * (pp - rho) / (1 - rho * rho) / pp;
+  }
+  if (head == "max") return C.masked_fill(diag, -inf).flatten(1).amax(1);
+  if (head == "smoothmax") return C.masked_fill(diag, -inf).flatten(1).logsumexp(1);
+  if (head == "gal") {
+    const Tensor upper = at::ones({n, n}, at::TensorOptions().dtype(at::kBool)).triu(1);
+    return C.masked_fill(upper.logical_not(), -inf).flatten(1).logsumexp(1);
+  }
+  if (head == "mean_penalty") return u.mean(1).square().sum(-1);
+  if (head == "sparsity") return -u.abs().sum(-1).mean(1);
+  TORCH_CHECK(false, "head_oracle: unknown head ", head);
+}
+
+std::tuple<Tensor, Tensor, Tensor> loss_of(const Tensor& x, const std::string& head, double p = 0) {
+  return cpu::gram_loss(x, head, kEps, kJitter, p, kRhoMax);
+}
+
+// --------------------------------------------------------------------------------------- gram
+
+TEST(gram_matches_aten_all_dtypes) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : kDims)
+      for (const int64_t n : {1, 3, 4, 5, 10}) {  // the Gram blocks columns j by 4
+        const Tensor x = randn_input({3, n, D}, dtype);
+        const Tensor x64 = f64(x);
+        const auto [S, l1] = cpu::gram(x, /*with_l1=*/true);
+        const auto ctx = c10::str(dtype, " n=", n, " D=", D);
+        EXPECT(S.scalar_type() == acc_of(dtype) && l1.scalar_type() == acc_of(dtype), ctx);
+        EXPECT(S.is_contiguous() && l1.is_contiguous(), ctx);
+        const Tensor scale = at::bmm(x64.abs(), x64.abs().transpose(1, 2));
+        EXPECT_CLOSE(S, at::bmm(x64, x64.transpose(1, 2)), scale, acc_rtol(dtype), 0.0, ctx);
+        EXPECT(at::equal(S, S.transpose(1, 2)), "S not exactly symmetric; ", ctx);
+        const Tensor l1_ref = x64.abs().sum(-1);
+        EXPECT_CLOSE(l1, l1_ref, l1_ref, acc_rtol(dtype), 0.0, ctx);
+        const auto [S2, l1_none] = cpu::gram(x, /*with_l1=*/false);
+        EXPECT(at::equal(S2, S), ctx);
+        EXPECT(l1_none.sizes() == at::IntArrayRef({3, 0}), "l1 without with_l1 is ", l1_none.sizes(), "; ", ctx);
+      }
+}
+
+TEST(gram_pullback_matches_aten_all_dtypes) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : kDims)
+      for (const int64_t n : {1, 4, 5, 7}) {  // the pullback blocks output rows by 4
+        const int64_t B = 3;
+        const Tensor x = randn_input({B, n, D}, dtype);
+        const Tensor x64 = f64(x);
+        const Tensor a = at::randn({B, n, n}, at::TensorOptions().dtype(acc_of(dtype)));
+        const Tensor beta = at::randn({B, n}, at::TensorOptions().dtype(acc_of(dtype)));
+        const auto ctx = c10::str(dtype, " n=", n, " D=", D);
+
+        const Tensor dx = cpu::gram_pullback(x, a, beta);
+        EXPECT(dx.scalar_type() == dtype && dx.sizes() == x.sizes() && dx.is_contiguous(), ctx);
+        const Tensor ref = at::bmm(f64(a), x64) + f64(beta).unsqueeze(-1) * x64.sign();
+        const Tensor scale = at::bmm(f64(a).abs(), x64.abs()) + f64(beta).abs().unsqueeze(-1);
+        EXPECT_CLOSE(dx, ref, scale, out_rtol(dtype), 1e-7, ctx);
+
+        // No beta: the l1 term is absent; an empty [B, 0] beta means the same.
+        const Tensor dx_none = cpu::gram_pullback(x, a, std::nullopt);
+        EXPECT_CLOSE(dx_none, at::bmm(f64(a), x64), at::bmm(f64(a).abs(), x64.abs()), out_rtol(dtype), 1e-7,
+                     ctx);
+        const Tensor empty_beta = at::empty({B, 0}, at::TensorOptions().dtype(acc_of(dtype)));
+        EXPECT(at::equal(cpu::gram_pullback(x, a, empty_beta), dx_none), ctx);
+      }
+}
+
+// -------------------------------------------------------------------------------------- heads
+
+TEST(gram_loss_every_head_finite_symmetric_and_matches_aten) {
+  struct Shape { int64_t B, n, D; };
+  for (const auto dtype : kDtypes)
+    for (const Shape s : {Shape{4, 5, 37}, Shape{2, 10, 513}, Shape{3, 2, 1031}, Shape{2, 7, cpu::kTile + 3}})
+      for (const auto& head : kHeads) {
+        const Tensor x = randn_input({s.B, s.n, s.D}, dtype);
+        const auto ctx = c10::str(dtype, " head=", head, " B=", s.B, " n=", s.n, " D=", s.D);
+        const auto [loss, A, beta] = loss_of(x, head);
+        EXPECT(loss.sizes() == at::IntArrayRef({s.B}) && loss.scalar_type() == acc_of(dtype), ctx);
+        EXPECT(A.sizes() == at::IntArrayRef({s.B, s.n, s.n}) && A.scalar_type() == acc_of(dtype), ctx);
+        const int64_t beta_n = head == "sparsity" ? s.n : 0;
+        EXPECT(beta.sizes() == at::IntArrayRef({s.B, beta_n}), "beta is ", beta.sizes(), "; ", ctx);
+        EXPECT(all_finite(loss) && all_finite(A) && all_finite(beta), ctx);
+        EXPECT(at::equal(A, A.transpose(1, 2)), "A not symmetric; ", ctx);
+        // Losses are O(1) (dpp is O(n)); float accumulation of the Gram bounds the error.
+        const Tensor ref = head_oracle(x, head);
+        const double tol = dtype == at::kDouble ? 1e-9 : 2e-3;
+        EXPECT_CLOSE(loss, ref, ref.abs() + 1, tol, 0.0, ctx);
+      }
+}
+
+TEST(mean_head_is_mean_off_diagonal_cosine) {
+  for (const auto dtype : {at::kDouble, at::kFloat})
+    for (const int64_t D : {3, 64, 1031}) {
+      const int64_t B = 6, n = 7;
+      const Tensor x = randn_input({B, n, D}, dtype);
+      const Tensor x64 = f64(x);
+      // Pairwise cosines from ATen's own cosine_similarity (broadcast [B, n, 1, D] x [B, 1, n, D]).
+      const Tensor cos = at::cosine_similarity(x64.unsqueeze(2), x64.unsqueeze(1), /*dim=*/-1);
+      const Tensor off = at::ones({n, n}, at::TensorOptions().dtype(at::kDouble)) -
+                         at::eye(n, at::TensorOptions().dtype(at::kDouble));
+      const Tensor ref = (cos * off).sum(at::IntArrayRef{1, 2}) / double(n * (n - 1));
+      const Tensor loss = std::get<0>(loss_of(x, "mean"));
+      EXPECT_CLOSE(loss, ref, at::ones_like(ref), dtype == at::kDouble ? 1e-12 : 1e-5, 0.0, dtype, " D=", D);
+    }
+}
+
+// Allowed |central difference - <grad, v>|: relative to the terms of <grad, v>, plus the rounding of
+// the two function values divided by 2h (which dominates when the true derivative is ~0, e.g. D = 1,
+// where every cosine is +-1 whatever the perturbation).
+double fd_tolerance(const Tensor& grad, const Tensor& v, double f_plus, double f_minus, double h) {
+  const double terms = (grad.abs() * v.abs()).sum().item<double>();
+  const double rounding = 64 * std::numeric_limits<double>::epsilon() * (std::abs(f_plus) + std::abs(f_minus) + 1) / (2 * h);
+  return 1e-6 * terms + rounding;
+}
+
+// The pullback coefficients are the gradient: d/dt sum_b L_b(x + t v) = <A X + beta sign(X), v>.
+// Central differences in float64 (heads run in float64, so h = 1e-6 leaves ~1e-9 relative error).
+TEST(gram_loss_coefficients_are_the_gradient) {
+  struct Case { std::string head; double p; bool correlated; };
+  std::vector<Case> cases;
+  for (const auto& head : kHeads) cases.push_back({head, 0, false});
+  for (const auto& head : kHeads) cases.push_back({head, 0, true});
+  cases.push_back({"kappa", 5.0, true});
+  for (const auto& c : cases)
+    for (const int64_t D : {int64_t{1}, int64_t{9}, cpu::kTile + 3}) {
+      const int64_t B = 3, n = 4;
+      // At D = 1 every cosine is +-1 whatever the perturbation: max has ties, and for dpp the
+      // difference quotient is pure rounding amplified by cond(C + jitter I) ~ n / jitter.
+      if (D == 1 && (c.head == "max" || c.head == "dpp")) continue;
+      Tensor x = randn_input({B, n, D}, at::kDouble);
+      if (c.correlated) x = 0.3 * x + randn_input({B, 1, D}, at::kDouble);  // rho well above 0
+      const Tensor v = randn_input({B, n, D}, at::kDouble);
+      const auto [loss, A, beta] = loss_of(x, c.head, c.p);
+      const Tensor grad = cpu::gram_pullback(x, A, beta);
+      const double h = 1e-6;
+      const double lp = std::get<0>(loss_of(x + h * v, c.head, c.p)).sum().item<double>();
+      const double lm = std::get<0>(loss_of(x - h * v, c.head, c.p)).sum().item<double>();
+      const double numeric = (lp - lm) / (2 * h);
+      const double analytic = (grad * v).sum().item<double>();
+      EXPECT(std::abs(numeric - analytic) <= fd_tolerance(grad, v, lp, lm, h), "head=", c.head, " p=", c.p, " correlated=",
+             c.correlated, " D=", D, ": numeric ", numeric, " analytic ", analytic);
+    }
+}
+
+// ------------------------------------------------------------------------- strides and shapes
+
+// Every op on x must give bit-identical results to the op on x.contiguous() (the kernels read rows
+// through strides; nothing depends on the layout).
+void expect_layout_independent(const Tensor& x, const std::string& what) {
+  const Tensor xc = x.contiguous();
+  const auto ctx = c10::str(what, " ", x.scalar_type(), " sizes ", x.sizes(), " strides ", x.strides());
+  {
+    const auto [s, l1] = cpu::gram(x, true);
+    const auto [sc, l1c] = cpu::gram(xc, true);
+    EXPECT(at::equal(s, sc) && at::equal(l1, l1c), "gram; ", ctx);
+  }
+  for (const auto& head : kHeads) {
+    const auto [l, a, b] = loss_of(x, head);
+    const auto [lc, ac, bc] = loss_of(xc, head);
+    EXPECT(at::equal(l, lc) && at::equal(a, ac) && at::equal(b, bc), "gram_loss ", head, "; ", ctx);
+    EXPECT(at::equal(cpu::gram_pullback(x, a, b), cpu::gram_pullback(xc, ac, bc)), "gram_pullback ", head,
+           "; ", ctx);
+  }
+  EXPECT(at::equal(cpu::concentration_stats(x, 2.0, kEps, kJitter, kRhoMax),
+                   cpu::concentration_stats(xc, 2.0, kEps, kJitter, kRhoMax)),
+         "concentration_stats; ", ctx);
+  EXPECT(at::equal(cpu::normalize(x, kEps), cpu::normalize(xc, kEps)), "normalize; ", ctx);
+  const Tensor g = at::randn(x.sizes(), x.options());
+  EXPECT(at::equal(cpu::normalize_pullback(x, g, kEps), cpu::normalize_pullback(xc, g, kEps)),
+         "normalize_pullback; ", ctx);
+  const auto [r, m, var] = cpu::column_stats(x, kEps);
+  const auto [rc, mc, varc] = cpu::column_stats(xc, kEps);
+  EXPECT(at::equal(r, rc) && at::equal(m, mc) && at::equal(var, varc), "column_stats; ", ctx);
+  const Tensor gr = at::randn_like(r), gm = at::randn_like(m), gv = at::randn_like(var);
+  EXPECT(at::equal(cpu::column_stats_pullback(x, r, m, gr, gm, gv, kEps),
+                   cpu::column_stats_pullback(xc, rc, mc, gr, gm, gv, kEps)),
+         "column_stats_pullback; ", ctx);
+}
+
+TEST(strided_inputs_match_contiguous) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : {int64_t{1}, int64_t{33}, cpu::kTile + 1}) {
+      const int64_t B = 5, n = 4;
+      // [n, B, D] contiguous viewed as [B, n, D]: strides (D, B * D, 1).
+      const Tensor nbd = randn_input({n, B, D}, dtype);
+      const Tensor x = nbd.transpose(0, 1);
+      EXPECT(!x.is_contiguous(), "setup");
+      expect_layout_independent(x, "transpose(0, 1)");
+      // A column slice of a wider tensor: row stride D + 9, storage offset 5.
+      const Tensor wide = randn_input({B, n, D + 9}, dtype);
+      expect_layout_independent(wide.narrow(2, 5, D), "narrow on D");
+      // Every second input and a reversed-free step on n: strides (2 * n * D, 2 * D, 1).
+      const Tensor big = randn_input({2 * B, 2 * n, D}, dtype);
+      expect_layout_independent(big.slice(0, 0, 2 * B, 2).slice(1, 0, 2 * n, 2), "step 2 on B and n");
+    }
+  // Stride 0 on B and n (one row broadcast): every row is a duplicate.
+  const Tensor row = randn_input({1, 1, 70}, at::kFloat);
+  expect_layout_independent(row.expand({3, 4, 70}), "expand");
+}
+
+// Large batches split across threads (at::parallel_for chunks of batch_grain inputs): every output
+// row must equal the op applied to that input alone.
+TEST(parallel_batches_match_single_inputs) {
+  const int64_t B = 37, n = 3, D = 2051;  // grain = 2^15 / (n D) = 5 inputs per chunk; 8 chunks
+  const Tensor x = randn_input({B, n, D}, at::kFloat);
+  const auto [s, l1] = cpu::gram(x, true);
+  const auto [loss, a, beta] = loss_of(x, "sparsity");
+  const Tensor dx = cpu::gram_pullback(x, a, beta);
+  const Tensor stats = cpu::concentration_stats(x, 1.0, kEps, kJitter, kRhoMax);
+  const Tensor u = cpu::normalize(x, kEps);
+  const auto [r, m, v] = cpu::column_stats(x, kEps);
+  const Tensor dxs = cpu::column_stats_pullback(x, r, m, r, m, v, kEps);
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor xb = x.narrow(0, b, 1);
+    const auto [sb, l1b] = cpu::gram(xb, true);
+    EXPECT(at::equal(s[b], sb[0]) && at::equal(l1[b], l1b[0]), "gram b=", b);
+    const auto [lb, ab, betab] = loss_of(xb, "sparsity");
+    EXPECT(at::equal(loss[b], lb[0]) && at::equal(a[b], ab[0]) && at::equal(beta[b], betab[0]), "loss b=", b);
+    EXPECT(at::equal(dx[b], cpu::gram_pullback(xb, ab, betab)[0]), "pullback b=", b);
+    EXPECT(at::equal(stats[b], cpu::concentration_stats(xb, 1.0, kEps, kJitter, kRhoMax)[0]), "stats b=", b);
+    EXPECT(at::equal(u[b], cpu::normalize(xb, kEps)[0]), "normalize b=", b);
+    const auto [rb, mb, vb] = cpu::column_stats(xb, kEps);
+    EXPECT(at::equal(r[b], rb[0]) && at::equal(m[b], mb[0]) && at::equal(v[b], vb[0]), "column_stats b=", b);
+    EXPECT(at::equal(dxs[b], cpu::column_stats_pullback(xb, rb, mb, rb, mb, vb, kEps)[0]), "cs pullback b=", b);
+  }
+}
+
+TEST(empty_batch) {
+  for (const auto dtype : kDtypes) {
+    const int64_t n = 4, D = 513;
+    const Tensor x = randn_input({0, n, D}, dtype);
+    const auto acc_opts = at::TensorOptions().dtype(acc_of(dtype));
+    const auto [s, l1] = cpu::gram(x, true);
+    EXPECT(s.sizes() == at::IntArrayRef({0, n, n}) && l1.sizes() == at::IntArrayRef({0, n}), dtype);
+    for (const auto& head : kHeads) {
+      const auto [loss, a, beta] = loss_of(x, head);
+      EXPECT(loss.sizes() == at::IntArrayRef({0}) && a.sizes() == at::IntArrayRef({0, n, n}), head, " ", dtype);
+      EXPECT(beta.size(0) == 0, head);
+    }
+    const Tensor dx = cpu::gram_pullback(x, at::empty({0, n, n}, acc_opts), at::empty({0, n}, acc_opts));
+    EXPECT(dx.sizes() == x.sizes(), dtype);
+    EXPECT(cpu::concentration_stats(x, 1.0, kEps, kJitter, kRhoMax).sizes() == at::IntArrayRef({0, 6}), dtype);
+    EXPECT(cpu::normalize(x, kEps).sizes() == x.sizes(), dtype);
+    EXPECT(cpu::normalize_pullback(x, x, kEps).sizes() == x.sizes(), dtype);
+    const auto [r, m, v] = cpu::column_stats(x, kEps);
+    EXPECT(r.sizes() == at::IntArrayRef({0, n}) && m.sizes() == at::IntArrayRef({0, D}) &&
+               v.sizes() == at::IntArrayRef({0, D}),
+           dtype);
+    EXPECT(cpu::column_stats_pullback(x, r, m, std::nullopt, m, v, kEps).sizes() == x.sizes(), dtype);
+  }
+  // n = 0 and D = 0 are legal for the Gram.
+  const auto [s0, l0] = cpu::gram(at::zeros({2, 0, 5}), true);
+  EXPECT(s0.sizes() == at::IntArrayRef({2, 0, 0}) && l0.sizes() == at::IntArrayRef({2, 0}), "n = 0");
+  const auto [sd, ld] = cpu::gram(at::zeros({2, 3, 0}), true);
+  EXPECT(at::equal(sd, at::zeros({2, 3, 3})) && at::equal(ld, at::zeros({2, 3})), "D = 0");
+}
+
+// ---------------------------------------------------------------------------- degenerate rows
+
+// Rows at or below the norm floor have no direction (u = 0) and get exactly zero gradient from every op;
+// duplicate rows (cosine exactly 1) must not break the Cholesky of R_DPP or the clamp of R_kappa.
+TEST(zero_and_duplicate_rows_are_finite) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : {int64_t{1}, int64_t{40}, cpu::kTile + 1}) {
+      const int64_t B = 4, n = 6;
+      Tensor x64 = at::randn({B, n, D}, at::TensorOptions().dtype(at::kDouble));
+      x64[0][0].zero_();                          // one zero row
+      x64[0][3].copy_(x64[0][1]);                 // a duplicate row
+      x64[1].zero_();                             // all rows zero
+      x64[2].copy_(x64[2][0].expand({n, D}));     // all rows identical
+      x64[3][2].copy_(x64[3][4] * 3.0);           // a positive multiple (cosine 1)
+      x64[3][5].zero_();
+      const Tensor x = x64.to(dtype);
+      const auto ctx = c10::str(dtype, " D=", D);
+      const auto [s, l1] = cpu::gram(x, true);
+      EXPECT(all_finite(s) && all_finite(l1), ctx);
+      for (const auto& head : kHeads) {
+        const auto [loss, a, beta] = loss_of(x, head);
+        EXPECT(all_finite(loss) && all_finite(a) && all_finite(beta), "head=", head, " ", ctx, " loss ",
+               loss);
+        EXPECT(at::equal(a, a.transpose(1, 2)), "A not symmetric; head=", head, " ", ctx);
+        const Tensor dx = cpu::gram_pullback(x, a, beta);
+        EXPECT(all_finite(dx), "pullback head=", head, " ", ctx);
+        EXPECT(at::equal(dx[1], at::zeros_like(dx[1])) && at::equal(dx[0][0], at::zeros_like(dx[0][0])) &&
+                   at::equal(dx[3][5], at::zeros_like(dx[3][5])),
+               "zero rows get zero gradient; head=", head, " ", ctx);
+        if (dtype == at::kDouble && !(head == "dpp" && D == 1)) {
+          const Tensor ref = head_oracle(x, head);
+          EXPECT_CLOSE(loss, ref, ref.abs() + 1, 1e-9, 0.0, "head=", head, " ", ctx);
+        }
+      }
+      EXPECT(all_finite(cpu::concentration_stats(x, 2.0, kEps, kJitter, kRhoMax)), ctx);
+      const Tensor u = cpu::normalize(x, kEps);
+      EXPECT(all_finite(u) && at::equal(u[1], at::zeros_like(u[1])), "zero rows normalize to 0; ", ctx);
+      const auto [r, m, v] = cpu::column_stats(x, kEps);
+      EXPECT(all_finite(r) && all_finite(m) && all_finite(v), ctx);
+      const Tensor du = cpu::normalize_pullback(x, at::randn(x.sizes(), x.options()), kEps);
+      EXPECT(all_finite(du) && at::equal(du[1], at::zeros_like(du[1])), "normalize_pullback; ", ctx);
+      const Tensor dc = cpu::column_stats_pullback(x, r, m, at::randn_like(r), at::randn_like(m),
+                                                   at::randn_like(v), kEps);
+      EXPECT(all_finite(dc) && at::equal(dc[1], at::zeros_like(dc[1])), "column_stats_pullback; ", ctx);
+    }
+}
+
+// ----------------------------------------------------------------------- normalize and stats
+
+TEST(normalize_matches_aten) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : kDims) {
+      Tensor x = randn_input({3, 4, D}, dtype);
+      x[1][2].zero_();
+      const Tensor u = cpu::normalize(x, kEps);
+      const auto ctx = c10::str(dtype, " D=", D);
+      EXPECT(u.scalar_type() == dtype && u.sizes() == x.sizes(), ctx);
+      const Tensor ref = unit_rows64(x);
+      EXPECT_CLOSE(u, ref, ref.abs(), out_rtol(dtype) + acc_rtol(dtype), 1e-7, ctx);
+    }
+}
+
+TEST(normalize_pullback_matches_aten) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : {int64_t{1}, int64_t{100}, cpu::kTile + 1}) {
+      Tensor x = randn_input({3, 4, D}, dtype);
+      x[2][1].zero_();
+      const Tensor g = randn_input({3, 4, D}, dtype);
+      const Tensor g64 = f64(g);
+      const Tensor r = norms64(x).clamp_min(kEps);
+      const Tensor u = unit_rows64(x), active = active64(x);
+      // dL/dx = (g - <g, u> u) / r above the floor, 0 at or below it.
+      const Tensor ref = active * (g64 - (g64 * u).sum(-1, true) * u) / r;
+      const Tensor scale = active * (g64.abs() + (g64 * u).abs().sum(-1, true) * u.abs()) / r;
+      EXPECT_CLOSE(cpu::normalize_pullback(x, g, kEps), ref, scale, out_rtol(dtype) + acc_rtol(dtype), 1e-7,
+                   dtype, " D=", D);
+    }
+}
+
+TEST(column_stats_matches_aten) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : kDims) {
+      Tensor x = randn_input({3, 5, D}, dtype);
+      x[0][4].zero_();
+      const auto [r, mean, var] = cpu::column_stats(x, kEps);
+      const auto ctx = c10::str(dtype, " D=", D);
+      EXPECT(r.scalar_type() == acc_of(dtype) && mean.scalar_type() == acc_of(dtype), ctx);
+      const Tensor x64 = f64(x);
+      const Tensor r_ref = norms64(x).squeeze(-1);  // the norm itself, no floor
+      const Tensor u = unit_rows64(x);
+      const Tensor m_ref = u.mean(1);
+      const Tensor v_ref = (u - m_ref.unsqueeze(1)).square().mean(1);  // population variance
+      const double tol = 2 * acc_rtol(dtype);
+      EXPECT_CLOSE(r, r_ref, r_ref, tol, 0.0, ctx);
+      EXPECT_CLOSE(mean, m_ref, u.abs().mean(1), tol, 0.0, ctx);
+      EXPECT_CLOSE(var, v_ref, (u.abs() + m_ref.abs().unsqueeze(1)).square().mean(1), tol, 0.0, ctx);
+    }
+}
+
+// column_stats_pullback is the vector-Jacobian product of column_stats (float64 central differences),
+// with any subset of the three output gradients.
+TEST(column_stats_pullback_is_the_gradient) {
+  const int64_t B = 2, n = 4;
+  for (const int64_t D : {int64_t{1}, int64_t{17}, cpu::kTile + 3})
+    for (int mask = 1; mask < 8; ++mask) {
+      Tensor x = randn_input({B, n, D}, at::kDouble);
+      const Tensor v = randn_input({B, n, D}, at::kDouble);
+      const auto [r, m, var] = cpu::column_stats(x, kEps);
+      const std::optional<Tensor> gr = (mask & 1) ? std::optional<Tensor>(at::randn_like(r)) : std::nullopt;
+      const std::optional<Tensor> gm = (mask & 2) ? std::optional<Tensor>(at::randn_like(m)) : std::nullopt;
+      const std::optional<Tensor> gv = (mask & 4) ? std::optional<Tensor>(at::randn_like(var)) : std::nullopt;
+      auto objective = [&](const Tensor& xx) {
+        const auto [r2, m2, v2] = cpu::column_stats(xx, kEps);
+        double t = 0;
+        if (gr) t += (r2 * *gr).sum().item<double>();
+        if (gm) t += (m2 * *gm).sum().item<double>();
+        if (gv) t += (v2 * *gv).sum().item<double>();
+        return t;
+      };
+      const Tensor dx = cpu::column_stats_pullback(x, r, m, gr, gm, gv, kEps);
+      const double h = 1e-6;
+      const double numeric = (objective(x + h * v) - objective(x - h * v)) / (2 * h);
+      const double analytic = (dx * v).sum().item<double>();
+      EXPECT(std::abs(numeric - analytic) <= fd_tolerance(dx, v, objective(x + h * v), objective(x - h * v), h),
+             "D=", D, " mask=", mask, ": numeric ", numeric,
+             " analytic ", analytic);
+      // Reduced precision agrees with float64 on the same (rounded) input.
+      for (const auto dtype : {at::kFloat, at::kBFloat16}) {
+        const Tensor xl = x.to(dtype);
+        const auto [rl, ml, vl] = cpu::column_stats(xl, kEps);
+        auto cast = [&](const std::optional<Tensor>& g) {
+          return g ? std::optional<Tensor>(g->to(at::kFloat)) : std::nullopt;
+        };
+        const Tensor dxl = cpu::column_stats_pullback(xl, rl, ml, cast(gr), cast(gm), cast(gv), kEps);
+        const Tensor xr = f64(xl);
+        const auto [r64, m64, v64] = cpu::column_stats(xr, kEps);
+        const Tensor ref = cpu::column_stats_pullback(xr, r64, m64, gr, gm, gv, kEps);
+        // Scale: dx = (G - <G, u> u) / r + g_r u with G = g_m / n + 2 g_v (u - m) / n; bound every
+        // term by its magnitude.
+        const Tensor u64 = xr / r64.unsqueeze(-1);
+        Tensor g_abs = at::zeros_like(ref);
+        if (gm) g_abs = g_abs + gm->abs().unsqueeze(1) / double(n);
+        if (gv) g_abs = g_abs + gv->abs().unsqueeze(1) * 2.0 / double(n) * (u64.abs() + m64.abs().unsqueeze(1));
+        Tensor scale_t = (g_abs + (g_abs * u64.abs()).sum(-1, true) * u64.abs()) / r64.unsqueeze(-1);
+        if (gr) scale_t = scale_t + gr->abs().unsqueeze(-1) * u64.abs();
+        EXPECT_CLOSE(dxl, ref, scale_t, out_rtol(dtype) + acc_rtol(dtype), 1e-7, dtype, " D=", D, " mask=",
+                     mask);
+      }
+    }
+}
+
+TEST(concentration_stats_matches_aten) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const auto dtype : {at::kDouble, at::kFloat, at::kHalf})
+    for (const int64_t D : {int64_t{7}, cpu::kTile + 1})
+      for (const double q : {1.0, 2.0, 3.5, inf}) {
+        const int64_t B = 3, n = 5;
+        const Tensor x = (0.5 * at::randn({B, n, D}, at::TensorOptions().dtype(at::kDouble)) +
+                          at::randn({B, 1, D}, at::TensorOptions().dtype(at::kDouble)))
+                             .to(dtype);
+        const Tensor out = cpu::concentration_stats(x, q, kEps, kJitter, kRhoMax);
+        const auto ctx = c10::str(dtype, " D=", D, " q=", q);
+        EXPECT(out.sizes() == at::IntArrayRef({B, 6}) && out.scalar_type() == acc_of(dtype), ctx);
+        const Tensor u = unit_rows64(x);
+        const Tensor mean = u.mean(1);
+        const Tensor rho = mean.square().sum(-1).sqrt();
+        const Tensor rho_q = std::isinf(q) ? mean.abs().amax(-1) : mean.abs().pow(q).sum(-1).pow(1.0 / q);
+        const Tensor rc = rho.clamp_max(kRhoMax);
+        const Tensor kappa = rc * (double(D) - rc) / (1 - rc * rc);
+        const Tensor ref = at::stack({rho, rho_q, kappa, head_oracle(x, "mean"), head_oracle(x, "max"),
+                                      head_oracle(x, "dpp")},
+                                     1);
+        const double tol = dtype == at::kDouble ? 1e-9 : 2e-3;
+        EXPECT_CLOSE(out, ref, ref.abs() + 1, tol, 0.0, ctx);
+      }
+}
+
+// --------------------------------------------------------------------------------- bad input
+
+TEST(bad_inputs_throw_c10_error) {
+  const Tensor good = at::randn({2, 3, 8});
+  const auto acc = at::TensorOptions().dtype(at::kFloat);
+  EXPECT_THROWS(cpu::gram(at::randn({3, 8}), false), "2-D");
+  EXPECT_THROWS(cpu::gram(at::randn({1, 2, 3, 8}), false), "4-D");
+  EXPECT_THROWS(cpu::gram(at::ones({2, 3, 8}, at::TensorOptions().dtype(at::kInt)), false), "int");
+  EXPECT_THROWS(cpu::gram(at::ones({2, 3, 8}, at::TensorOptions().dtype(at::kLong)), true), "long");
+  EXPECT_THROWS(cpu::gram(at::randn({2, 8, 3}).transpose(1, 2), false), "stride on D");
+  EXPECT_THROWS(cpu::gram(at::empty({2, 3, 8}, at::TensorOptions().device(at::kMeta)), false), "meta");
+  EXPECT_THROWS(loss_of(good, "bogus"), "unknown head");
+  EXPECT_THROWS(loss_of(good, ""), "empty head");
+  EXPECT_THROWS(loss_of(good, "Mean"), "head names are case-sensitive");
+  EXPECT_THROWS(loss_of(at::randn({2, 1, 8}), "mean"), "n = 1");
+  EXPECT_THROWS(loss_of(at::randn({2, 8}), "mean"), "2-D");
+  EXPECT_THROWS(loss_of(at::ones({2, 3, 8}, at::TensorOptions().dtype(at::kInt)), "mean"), "int");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 4}, acc), std::nullopt), "A shape");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, at::TensorOptions().dtype(at::kDouble)),
+                                   std::nullopt),
+                "A dtype");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), at::randn({2, 4}, acc)), "beta shape");
+  EXPECT_THROWS(cpu::gram_pullback(at::randn({6, 8}), at::randn({2, 3, 3}, acc), std::nullopt), "2-D");
+  EXPECT_THROWS(cpu::concentration_stats(good, 0.5, kEps, kJitter, kRhoMax), "q < 1");
+  EXPECT_THROWS(cpu::concentration_stats(at::randn({2, 1, 8}), 1.0, kEps, kJitter, kRhoMax), "n = 1");
+  EXPECT_THROWS(cpu::normalize(at::randn({3, 8}), kEps), "2-D");
+  EXPECT_THROWS(cpu::normalize(at::ones({2, 3, 8}, at::TensorOptions().dtype(at::kInt)), kEps), "int");
+  EXPECT_THROWS(cpu::normalize_pullback(good, at::randn({2, 3, 7}), kEps), "grad shape");
+  EXPECT_THROWS(cpu::normalize_pullback(good, at::randn({2, 3, 8}, at::TensorOptions().dtype(at::kDouble)),
+                                        kEps),
+                "grad dtype");
+  EXPECT_THROWS(cpu::column_stats(at::randn({3, 8}), kEps), "2-D");
+  const auto [r, m, v] = cpu::column_stats(good, kEps);
+  EXPECT_THROWS(cpu::column_stats_pullback(good, r, m.narrow(1, 0, 7), std::nullopt, m, v, kEps), "mean shape");
+  EXPECT_THROWS(cpu::column_stats_pullback(good, r, m, std::nullopt, m.to(at::kDouble), v, kEps),
+                "grad_mean dtype");
+}
+
+// -------------------------------------------------------------------------------- dispatcher
+
+const std::vector<std::string> kOps = {"gram", "gram_pullback", "gram_loss", "concentration_stats",
+                                       "normalize", "normalize_pullback", "column_stats",
+                                       "column_stats_pullback"};
+
+TEST(ops_are_registered_with_cpu_kernels) {
+  for (const auto& name : kOps) {
+    const auto op = c10::Dispatcher::singleton().findSchema({"fastdiv::" + name, ""});
+    EXPECT(op.has_value(), "fastdiv::", name, " has no schema (TORCH_LIBRARY did not run?)");
+    if (op) EXPECT(op->hasKernelForDispatchKey(c10::DispatchKey::CPU), "fastdiv::", name, " has no CPU kernel");
+  }
+}
+
+TEST(dispatcher_calls_match_direct_calls) {
+  const Tensor x = randn_input({3, 6, 517}, at::kFloat).transpose(0, 1).contiguous().transpose(0, 1);
+  // Typed (unboxed) call; the signature must be the kernel's exactly (CppSignature is checked).
+  const auto gram_loss_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastdiv::gram_loss", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::string&, double, double, double,
+                                                    double)>();
+  for (const auto& head : kHeads) {
+    const auto [l, a, b] = gram_loss_op.call(x, head, kEps, kJitter, 0.0, kRhoMax);
+    const auto [ld, ad, bd] = loss_of(x, head);
+    EXPECT(at::equal(l, ld) && at::equal(a, ad) && at::equal(b, bd), "typed gram_loss head=", head);
+  }
+  EXPECT_THROWS(gram_loss_op.call(x, "bogus", kEps, kJitter, 0.0, kRhoMax), "unknown head via dispatcher");
+  EXPECT_THROWS(gram_loss_op.call(x.to(at::kInt), "mean", kEps, kJitter, 0.0, kRhoMax), "int via dispatcher");
+
+  // Boxed call, as the Python side and torch.compile make it.
+  const auto& gram_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::gram", "");
+  std::vector<c10::IValue> stack{x, true};
+  gram_op.callBoxed(&stack);
+  EXPECT(stack.size() == 2, "gram returns 2 values, got ", stack.size());
+  if (stack.size() == 2) {
+    const auto [s, l1] = cpu::gram(x, true);
+    EXPECT(at::equal(stack[0].toTensor(), s) && at::equal(stack[1].toTensor(), l1), "boxed gram");
+  }
+
+  const auto& pull_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::gram_pullback", "");
+  const auto [l, a, b] = loss_of(x, "sparsity");
+  std::vector<c10::IValue> pstack{x, a, b};
+  pull_op.callBoxed(&pstack);
+  EXPECT(pstack.size() == 1 && at::equal(pstack[0].toTensor(), cpu::gram_pullback(x, a, b)), "boxed pullback");
+  std::vector<c10::IValue> nstack{x, a, c10::IValue()};  // Tensor? beta = None
+  pull_op.callBoxed(&nstack);
+  EXPECT(nstack.size() == 1 && at::equal(nstack[0].toTensor(), cpu::gram_pullback(x, a, std::nullopt)),
+         "boxed pullback, beta None");
+
+  const auto& norm_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::normalize", "");
+  std::vector<c10::IValue> ustack{x, kEps};
+  norm_op.callBoxed(&ustack);
+  EXPECT(ustack.size() == 1 && at::equal(ustack[0].toTensor(), cpu::normalize(x, kEps)), "boxed normalize");
+}
+
+}  // namespace
+
+int main() {
+  // FASTDIV_TEST_SEED reruns the suite on other random inputs (the tolerances must hold for any).
+  const char* seed = std::getenv("FASTDIV_TEST_SEED");
+  at::manual_seed(seed ? std::strtoull(seed, nullptr, 10) : 0);
+  // At least two threads even on a one-core machine, so the parallel_for paths really split.
+  if (at::get_num_threads() < 2) at::set_num_threads(2);
+  std::cout << "ATen threads: " << at::get_num_threads() << std::endl;
+  int passed = 0, failed = 0;
+  for (const auto& t : registry()) {
+    g_test = t.name;
+    g_failed_checks = 0;
+    try {
+      t.fn();
+    } catch (const std::exception& e) {
+      fail(__FILE__, __LINE__, c10::str("unexpected exception: ", e.what()));
+    }
+    if (g_failed_checks == 0) {
+      ++passed;
+      std::cout << "[ OK ] " << t.name << std::endl;
+    } else {
+      ++failed;
+      std::cout << "[FAIL] " << t.name << " (" << g_failed_checks << " failed checks)" << std::endl;
+    }
+  }
+  std::cout << "native tests: " << passed << " passed, " << failed << " failed" << std::endl;
+  return failed == 0 && passed > 0 ? 0 : 1;
+}
