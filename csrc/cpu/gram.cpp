@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "heads.h"
@@ -41,6 +42,22 @@ inline void dot4(const A* xi, const A* x0, const A* x1, const A* x2, const A* x3
   out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
 }
 
+// Columns [d0, d0 + len) of the n rows of batch element b in the accumulation type: X itself when it
+// already has that type (no staging copy), else converted into tile. Returns row 0; rows are
+// *row_stride apart.
+template <typename T>
+inline const acc_t<T>* tile_rows(const Rows<T>& x, int64_t b, int64_t n, int64_t d0, int64_t len,
+                                 acc_t<T>* tile, int64_t* row_stride) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    *row_stride = x.stride_n;
+    return x.row(b, 0) + d0;
+  } else {
+    load_tile(x, b, n, d0, len, tile);
+    *row_stride = len;
+    return tile;
+  }
+}
+
 // Accumulates the raw Gram of batch element b into S (n x n, double) and row l1 norms into l1.
 template <typename T>
 void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile, double* S,
@@ -50,14 +67,15 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
   if (l1) std::fill(l1, l1 + n, 0.0);
   for (int64_t d0 = 0; d0 < d; d0 += kTile) {
     const int64_t len = std::min(kTile, d - d0);
-    load_tile(x, b, n, d0, len, tile);
+    int64_t rs;
+    const A* t = tile_rows(x, b, n, d0, len, tile, &rs);
     for (int64_t i = 0; i < n; ++i) {
-      const A* xi = tile + i * len;
+      const A* xi = t + i * rs;
       double* Si = S + i * n;  // row i, columns j <= i
       int64_t j = 0;
       for (; j + 4 <= i + 1; j += 4)
-        dot4(xi, tile + j * len, tile + (j + 1) * len, tile + (j + 2) * len, tile + (j + 3) * len, len, Si + j);
-      for (; j <= i; ++j) Si[j] += static_cast<double>(dot(xi, tile + j * len, len));
+        dot4(xi, t + j * rs, t + (j + 1) * rs, t + (j + 2) * rs, t + (j + 3) * rs, len, Si + j);
+      for (; j <= i; ++j) Si[j] += static_cast<double>(dot(xi, t + j * rs, len));
       if (l1) l1[i] += static_cast<double>(abs_sum(xi, len));
     }
   }
@@ -76,10 +94,11 @@ double column_resultant(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t
   const double inv_n = 1.0 / static_cast<double>(n);
   for (int64_t d0 = 0; d0 < d; d0 += kTile) {
     const int64_t len = std::min(kTile, d - d0);
-    load_tile(x, b, n, d0, len, tile);
+    int64_t rs;
+    const acc_t<T>* t = tile_rows(x, b, n, d0, len, tile, &rs);
     std::fill(m, m + len, 0.0);
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t<T>* xi = tile + i * len;
+      const acc_t<T>* xi = t + i * rs;
       const double w = inv_r[i];
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) m[k] += static_cast<double>(xi[k]) * w;
@@ -122,14 +141,16 @@ void gram_kernel(const at::Tensor& x, at::Tensor& s, at::Tensor& l1) {
 constexpr int64_t kRows = 4;
 constexpr int64_t kVec = 32;
 
+// tile points at row 0 of the columns, rows row_stride apart (the tile buffer, or X itself when it
+// already has the accumulation type).
 template <typename T, typename A>
-inline void pullback_rows(const A* tile, int64_t len, int64_t n, int64_t i0, const A* ab, const A* beta,
-                          T* out, int64_t d, int64_t d0) {
+inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_t n, int64_t i0, const A* ab,
+                          const A* beta, T* out, int64_t d, int64_t d0) {
   const int64_t rows = std::min(kRows, n - i0);
   A coef[kRows], bet[kRows];
   const A* xr[kRows];
   for (int64_t r = 0; r < kRows; ++r) {
-    xr[r] = tile + std::min(i0 + r, n - 1) * len;  // padded rows read a valid row and are not stored
+    xr[r] = tile + std::min(i0 + r, n - 1) * row_stride;  // padded rows read a valid row, are not stored
     bet[r] = (r < rows && beta) ? beta[i0 + r] : A(0);
   }
   int64_t k0 = 0;
@@ -140,7 +161,7 @@ inline void pullback_rows(const A* tile, int64_t len, int64_t n, int64_t i0, con
       for (int64_t v = 0; v < kVec; ++v) acc[r][v] = bet[r] * sign(xr[r][k0 + v]);
     for (int64_t j = 0; j < n; ++j) {
       for (int64_t r = 0; r < kRows; ++r) coef[r] = r < rows ? ab[(i0 + r) * n + j] : A(0);
-      const A* xj = tile + j * len + k0;
+      const A* xj = tile + j * row_stride + k0;
       for (int64_t r = 0; r < kRows; ++r)
 #pragma omp simd
         for (int64_t v = 0; v < kVec; ++v) acc[r][v] += coef[r] * xj[v];
@@ -154,7 +175,7 @@ inline void pullback_rows(const A* tile, int64_t len, int64_t n, int64_t i0, con
   for (int64_t r = 0; r < rows; ++r) {  // columns past the last full kVec block
     for (int64_t k = k0; k < len; ++k) {
       A o = bet[r] * sign(xr[r][k]);
-      for (int64_t j = 0; j < n; ++j) o += ab[(i0 + r) * n + j] * tile[j * len + k];
+      for (int64_t j = 0; j < n; ++j) o += ab[(i0 + r) * n + j] * tile[j * row_stride + k];
       out[(i0 + r) * d + d0 + k] = static_cast<T>(o);
     }
   }
@@ -173,9 +194,10 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
-        load_tile(rows, b, n, d0, len, tile.data());
+        int64_t row_stride;
+        const A* base = tile_rows(rows, b, n, d0, len, tile.data(), &row_stride);
         for (int64_t i0 = 0; i0 < n; i0 += kRows)
-          pullback_rows(tile.data(), len, n, i0, a_in + b * n * n, beta_in ? beta_in + b * n : nullptr,
+          pullback_rows(base, row_stride, len, n, i0, a_in + b * n * n, beta_in ? beta_in + b * n : nullptr,
                         out + b * n * d, d, d0);
       }
     }
