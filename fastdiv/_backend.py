@@ -67,23 +67,20 @@ def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
             backend = env
         else:
             return default_backend(tensor.device.type)
-    device = tensor.device.type
     if backend == "torch":
         return backend
-    if backend == "cpu":
-        if device != "cpu":
-            raise ValueError(f"{fn}: backend='cpu' runs on CPU tensors, got a tensor on {tensor.device}")
-        if not extension_built():
-            raise RuntimeError(f"{fn}: backend='cpu' needs fastdiv._C, which failed to load "
-                               f"({EXTENSION_ERROR}); {BUILD_HINT}")
-        return backend
-    if backend == "cuda":
-        if device != "cuda":
-            raise ValueError(f"{fn}: backend='cuda' runs on CUDA tensors, got a tensor on {tensor.device}")
-        if not cuda_built():
-            raise RuntimeError(f"{fn}: backend='cuda' needs fastdiv._C built with CUDA (a CUDA toolkit and "
-                               f"a CUDA build of torch at build time); {BUILD_HINT}")
-        return backend
-    # backend == "triton"
-    raise RuntimeError(f"{fn}: backend='triton' is not available in this release of fastdiv; "
-                       f"use backend='auto', 'cpu' or 'torch'")
+    if backend == "triton":
+        raise RuntimeError(f"{fn}: backend='triton' is not available in this release of fastdiv; "
+                           f"use backend='auto', 'cpu' or 'torch'")
+    # the compiled backends: each needs tensors on its own device and its kernels in fastdiv._C
+    is_built, missing = {
+        "cpu": (extension_built, lambda: f"fastdiv._C, which failed to load ({EXTENSION_ERROR})"),
+        "cuda": (cuda_built, lambda: "fastdiv._C built with CUDA (a CUDA toolkit and a CUDA build of "
+                                     "torch at build time)"),
+    }[backend]
+    if tensor.device.type != backend:
+        raise ValueError(f"{fn}: backend={backend!r} runs on {backend.upper()} tensors, got a tensor on "
+                         f"{tensor.device}")
+    if not is_built():
+        raise RuntimeError(f"{fn}: backend={backend!r} needs {missing()}; {BUILD_HINT}")
+    return backend
