@@ -59,9 +59,11 @@ inline const acc_t<T>* tile_rows(const Rows<T>& x, int64_t b, int64_t n, int64_t
 }
 
 // Accumulates the raw Gram of batch element b into S (n x n, double) and row l1 norms into l1.
+// diagonal_only: just the squared row norms (the off-diagonal entries stay 0), for heads that never
+// read them.
 template <typename T>
 void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile, double* S,
-              double* l1) {
+              double* l1, bool diagonal_only = false) {
   using A = acc_t<T>;
   std::fill(S, S + n * n, 0.0);
   if (l1) std::fill(l1, l1 + n, 0.0);
@@ -72,7 +74,7 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
     for (int64_t i = 0; i < n; ++i) {
       const A* xi = t + i * rs;
       double* Si = S + i * n;  // row i, columns j <= i
-      int64_t j = 0;
+      int64_t j = diagonal_only ? i : 0;
       for (; j + 4 <= i + 1; j += 4)
         dot4(xi, t + j * rs, t + (j + 1) * rs, t + (j + 2) * rs, t + (j + 3) * rs, len, Si + j);
       for (; j <= i; ++j) Si[j] += static_cast<double>(dot(xi, t + j * rs, len));
@@ -181,6 +183,14 @@ inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_
   }
 }
 
+template <typename A>
+bool off_diagonal_zero(const A* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      if (i != j && a[i * n + j] != A(0)) return false;
+  return true;
+}
+
 template <typename T>
 void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor* beta, at::Tensor& dx) {
   using A = acc_t<T>;
@@ -192,6 +202,20 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
     for (int64_t b = begin; b < end; ++b) {
+      const A* ab = a_in + b * n * n;
+      if (off_diagonal_zero(ab, n)) {  // e.g. Omega_S: O(n D) instead of O(n^2 D)
+        for (int64_t i = 0; i < n; ++i) {
+          const T* xi = rows.row(b, i);
+          const A aii = ab[i * n + i], bi = beta_in ? beta_in[b * n + i] : A(0);
+          T* dst = out + (b * n + i) * d;
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) {
+            const A v = static_cast<A>(xi[k]);
+            dst[k] = static_cast<T>(aii * v + bi * sign(v));
+          }
+        }
+        continue;
+      }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
         int64_t row_stride;
@@ -219,7 +243,8 @@ void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at:
     std::vector<A> tile(n * kTile);
     std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(head_workspace(n)), inv_r(n), m(kTile);
     for (int64_t b = begin; b < end; ++b) {
-      gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr);
+      // Omega_S reads only the row norms and l1 norms; its pullback matrix is diagonal
+      gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr, head == Head::kSparsity);
       double resultant = 0;
       if (with_resultant) {
         inverse_norms(S.data(), n, prm.eps, inv_r.data());
