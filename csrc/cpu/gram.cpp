@@ -171,14 +171,14 @@ inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = out + (i0 + r) * d + d0 + k0;
 #pragma omp simd
-      for (int64_t v = 0; v < kVec; ++v) dst[v] = static_cast<T>(acc[r][v]);
+      for (int64_t v = 0; v < kVec; ++v) dst[v] = store_as<T>(acc[r][v]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {  // columns past the last full kVec block
     for (int64_t k = k0; k < len; ++k) {
       A o = bet[r] * sign(xr[r][k]);
       for (int64_t j = 0; j < n; ++j) o += ab[(i0 + r) * n + j] * tile[j * row_stride + k];
-      out[(i0 + r) * d + d0 + k] = static_cast<T>(o);
+      out[(i0 + r) * d + d0 + k] = store_as<T>(o);
     }
   }
 }
@@ -210,8 +210,8 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
           T* dst = out + (b * n + i) * d;
 #pragma omp simd
           for (int64_t k = 0; k < d; ++k) {
-            const A v = static_cast<A>(xi[k]);
-            dst[k] = static_cast<T>(aii * v + bi * sign(v));
+            const A v = load_as<A>(xi[k]);
+            dst[k] = store_as<T>(aii * v + bi * sign(v));
           }
         }
         continue;

@@ -39,7 +39,7 @@ double row_sumsq(const T* row, int64_t d, acc_t<T>* tile) {
   for (int64_t d0 = 0; d0 < d; d0 += kTile) {
     const int64_t len = std::min(kTile, d - d0);
 #pragma omp simd
-    for (int64_t k = 0; k < len; ++k) tile[k] = static_cast<acc_t<T>>(row[d0 + k]);
+    for (int64_t k = 0; k < len; ++k) tile[k] = load_as<acc_t<T>>(row[d0 + k]);
     s += static_cast<double>(dot(tile, tile, len));
   }
   return s;
@@ -58,7 +58,7 @@ void normalize_kernel(const at::Tensor& x, double eps, at::Tensor& u) {
       const A inv_r = static_cast<A>(row_norm(row_sumsq(src, d, tile.data()), eps).inv_r);
       T* dst = out + row * d;
 #pragma omp simd
-      for (int64_t k = 0; k < d; ++k) dst[k] = static_cast<T>(static_cast<A>(src[k]) * inv_r);
+      for (int64_t k = 0; k < d; ++k) dst[k] = store_as<T>(load_as<A>(src[k]) * inv_r);
     }
   });
 }
@@ -78,7 +78,7 @@ void normalize_pullback_kernel(const at::Tensor& x, const at::Tensor& g, double 
       double sumsq = 0, gx = 0;
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
-        for (int64_t k = 0; k < len; ++k) xt[k] = static_cast<A>(xr[d0 + k]), gt[k] = static_cast<A>(gr[d0 + k]);
+        for (int64_t k = 0; k < len; ++k) xt[k] = load_as<A>(xr[d0 + k]), gt[k] = load_as<A>(gr[d0 + k]);
         sumsq += static_cast<double>(dot(xt.data(), xt.data(), len));
         gx += static_cast<double>(dot(gt.data(), xt.data(), len));
       }
@@ -89,7 +89,7 @@ void normalize_pullback_kernel(const at::Tensor& x, const at::Tensor& g, double 
       T* dst = out + row * d;
 #pragma omp simd
       for (int64_t k = 0; k < d; ++k)
-        dst[k] = static_cast<T>((static_cast<A>(gr[k]) - proj * static_cast<A>(xr[k])) * inv_r);
+        dst[k] = store_as<T>((load_as<A>(gr[k]) - proj * load_as<A>(xr[k])) * inv_r);
     }
   });
 }
@@ -204,7 +204,7 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
           T* dst = out + (b * n + i) * d + d0;
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k)
-            dst[k] = static_cast<T>((alpha[k] + beta[k] * xi[k] * inv_r) * inv_r + x_coef * xi[k]);
+            dst[k] = store_as<T>((alpha[k] + beta[k] * xi[k] * inv_r) * inv_r + x_coef * xi[k]);
         }
       }
     }
