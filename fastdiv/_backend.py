@@ -7,6 +7,7 @@ replaces 'auto' (never an explicit backend).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -39,9 +40,20 @@ def cuda_built() -> bool:
     return extension_built() and torch._C._dispatch_has_kernel_for_dispatch_key("fastdiv::gram", "CUDA")
 
 
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it: that takes ~1 s)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True under ``TRITON_INTERPRET=1``: Triton kernels then run, slowly, on CPU tensors (for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def triton_available() -> bool:
-    """True when the Triton kernels can run. They are not part of this release yet."""
-    return False
+    """True when the Triton kernels can run: triton is installed and there is a CUDA device, or the
+    interpreter is on."""
+    return triton_installed() and (torch.cuda.is_available() or triton_interpreted())
 
 
 def default_backend(device_type: str) -> str:
@@ -51,7 +63,7 @@ def default_backend(device_type: str) -> str:
     if device_type == "cuda":
         if cuda_built():
             return "cuda"
-        return "triton" if triton_available() else "torch"
+        return "triton" if triton_installed() else "torch"
     return "torch"
 
 
@@ -70,8 +82,12 @@ def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
     if backend == "torch":
         return backend
     if backend == "triton":
-        raise RuntimeError(f"{fn}: backend='triton' is not available in this release of fastdiv; "
-                           f"use backend='auto', 'cpu' or 'torch'")
+        if not triton_installed():
+            raise RuntimeError(f"{fn}: backend='triton' needs the triton package (pip install triton)")
+        if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and triton_interpreted()):
+            raise ValueError(f"{fn}: backend='triton' runs on CUDA tensors (or on CPU tensors under "
+                             f"TRITON_INTERPRET=1), got a tensor on {tensor.device}")
+        return backend
     # the compiled backends: each needs tensors on its own device and its kernels in fastdiv._C
     is_built, missing = {
         "cpu": (extension_built, lambda: f"fastdiv._C, which failed to load ({EXTENSION_ERROR})"),

@@ -19,7 +19,6 @@ variable FASTDIV_BACKEND), 'cpu', 'cuda', 'triton' or 'torch' (the plain referen
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -27,6 +26,7 @@ import torch
 from . import reference
 from ._backend import resolve_backend
 from ._checks import as_rows, check_open_unit, check_positive, check_reduction, reduce
+from .ops.schemas import NAMESPACES
 from .reference import EPS, JITTER, RHO_MAX, VARIANCE_KINDS, ConcentrationStats
 
 __all__ = [
@@ -48,11 +48,12 @@ def _gram_head(fn: str, head: str, grads: torch.Tensor, reference_fn: Callable, 
     check_reduction(reduction, fn)
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn)
-    if resolve_backend(backend, x, fn) == "torch":
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
         per_input = reference_fn(x, eps=eps, **params)
     else:
         kernel_params = {k: (0.0 if v is None else v) for k, v in params.items()}
-        per_input = _ops().gram.gram_loss(x, head, eps=eps, **kernel_params)
+        per_input = _ops().gram.gram_loss(x, head, eps=eps, ns=NAMESPACES[be], **kernel_params)
     return reduce(per_input, reduction)
 
 
@@ -62,10 +63,11 @@ def normalize(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, bac
     fn = "normalize"
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn, min_samples=1)
-    if resolve_backend(backend, x, fn) == "torch":
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
         u = reference.unit_rows(x, eps).to(grads.dtype)
     else:
-        u = _ops().rows.normalize(x, eps)
+        u = _ops().rows.normalize(x, eps, ns=NAMESPACES[be])
     # back to the caller's layout: [B, n, *features], or [n, B, *features] for sample_dim=0
     u = u.reshape(x.shape[:2] + grads.shape[2:])
     return u.transpose(0, 1) if sample_dim == 0 else u
@@ -76,9 +78,10 @@ def cosine_gram(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, b
     fn = "cosine_gram"
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn, min_samples=1)
-    if resolve_backend(backend, x, fn) == "torch":
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
         return reference.cosine_gram(x, eps).to(reference._head_dtype(x))
-    s, _ = _ops().gram.gram(x)
+    s, _ = _ops().gram.gram(x, ns=NAMESPACES[be])
     sq = torch.diagonal(s, dim1=1, dim2=2)
     # 1/||g|| above the norm floor, 0 at or below it (NaN selects the rsqrt branch and propagates);
     # the clamp keeps the unselected branch's gradient finite
@@ -183,10 +186,11 @@ def variance_penalty(grads: torch.Tensor, *, kind: str = "target", temperature: 
     if temperature is not None:
         temperature = check_positive(temperature, "temperature", fn)
     x = as_rows(grads, sample_dim, fn)
-    if resolve_backend(backend, x, fn) == "torch":
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
         var = reference.column_variance(x, eps)
     else:
-        _, _, var = _ops().rows.column_stats(x, eps)
+        _, _, var = _ops().rows.column_stats(x, eps, ns=NAMESPACES[be])
     return reduce(reference.variance_head(var, kind, temperature), reduction)
 
 
@@ -229,10 +233,12 @@ def concentration_stats(grads: torch.Tensor, *, q: float = 1.0, jitter: float = 
     rho_max = check_open_unit(rho_max, "rho_max", fn)
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn)
-    if resolve_backend(backend, x, fn) == "torch":
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
         with torch.no_grad():
             return reference.concentration_stats(x, float(q), jitter, rho_max, eps)
-    out = _ops().gram.concentration_stats(x, q=float(q), eps=eps, jitter=jitter, rho_max=rho_max)
+    out = _ops().gram.concentration_stats(x, q=float(q), eps=eps, jitter=jitter, rho_max=rho_max,
+                                          ns=NAMESPACES[be])
     return ConcentrationStats(*out.unbind(dim=1))
 
 

@@ -5,6 +5,12 @@ Test modules import the helpers with ``from conftest import ...`` (pytest puts t
 """
 from __future__ import annotations
 
+import os
+
+# Triton reads this when it is imported: the whole session runs Triton kernels (marker `triton`) through
+# its interpreter on CPU tensors. Harmless where triton is not installed.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import math
 from dataclasses import dataclass
 from typing import Callable

@@ -68,13 +68,15 @@ def test_backends_constant_and_build_flags():
     assert fastdiv.BACKENDS == ("auto", "cpu", "cuda", "triton", "torch")
     assert fastdiv.extension_built() is True  # this checkout is built (pip install -e .)
     assert _backend.EXTENSION_ERROR is None
-    assert fastdiv.triton_available() is False  # not part of this release
+    assert fastdiv.triton_available() == (
+        _backend.triton_installed() and (torch.cuda.is_available() or _backend.triton_interpreted()))
     assert fastdiv.cuda_built() == torch._C._dispatch_has_kernel_for_dispatch_key("fastdiv::gram", "CUDA")
 
 
 def test_default_backend():
     assert fastdiv.default_backend("cpu") == "cpu"
-    assert fastdiv.default_backend("cuda") == ("cuda" if fastdiv.cuda_built() else "torch")
+    expected = "cuda" if fastdiv.cuda_built() else ("triton" if _backend.triton_installed() else "torch")
+    assert fastdiv.default_backend("cuda") == expected
     assert fastdiv.default_backend("mps") == "torch"
     assert fastdiv.default_backend("meta") == "torch"
 
@@ -87,8 +89,15 @@ def test_resolve_backend(monkeypatch):
         _backend.resolve_backend("CPU", X, "f")
     with pytest.raises(ValueError, match=r"f: backend='cuda' runs on CUDA tensors"):
         _backend.resolve_backend("cuda", X, "f")
-    with pytest.raises(RuntimeError, match="triton"):
-        _backend.resolve_backend("triton", X, "f")
+    if _backend.triton_installed():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert _backend.resolve_backend("triton", X, "f") == "triton"  # the interpreter runs CPU tensors
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match=r"f: backend='triton' runs on CUDA tensors \(or on CPU tensors under TRITON_INTERPRET=1\)"):
+            _backend.resolve_backend("triton", X, "f")
+    else:
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            _backend.resolve_backend("triton", X, "f")
     for value, expected in [("torch", "torch"), ("cpu", "cpu"), ("auto", "cpu"), ("", "cpu"), ("  torch ", "torch")]:
         monkeypatch.setenv("FASTDIV_BACKEND", value)
         assert _backend.resolve_backend("auto", X, "f") == expected, value
@@ -162,7 +171,8 @@ def test_env_cuda_on_cpu_tensor(monkeypatch):
     with pytest.raises(ValueError, match="backend='cuda'"):
         fastdiv.mean_cosine_loss(X)
     monkeypatch.setenv("FASTDIV_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="triton"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((ValueError, RuntimeError), match="backend='triton'"):
         fastdiv.mean_cosine_loss(X)
 
 
@@ -170,7 +180,8 @@ def test_info_dict(monkeypatch):
     data = fastdiv.info()
     assert data["fastdiv"] == fastdiv.__version__ == "0.1.0"
     assert data["torch"] == torch.__version__
-    assert data["backends"] == {"cpu": True, "cuda": fastdiv.cuda_built(), "triton": False, "torch": True}
+    assert data["backends"] == {"cpu": True, "cuda": fastdiv.cuda_built(), "triton": fastdiv.triton_available(),
+                                "torch": True}
     assert data["auto"] == {"cpu": "cpu", "cuda": fastdiv.default_backend("cuda")}
     assert data["extension_error"] is None
     assert data["FASTDIV_BACKEND"] is None
@@ -189,7 +200,8 @@ def test_cli_info_text():
     assert f"torch {torch.__version__}" in out
     assert "auto picks: cpu tensors -> cpu" in out
     lines = [line.split() for line in out.splitlines()]
-    assert ["cpu", "yes"] in lines and ["torch", "yes"] in lines and ["triton", "no"] in lines
+    triton_word = "yes" if fastdiv.triton_available() else "no"  # the CLI inherits TRITON_INTERPRET
+    assert ["cpu", "yes"] in lines and ["torch", "yes"] in lines and ["triton", triton_word] in lines
     assert "FASTDIV_BACKEND" not in out
 
 

@@ -315,3 +315,14 @@ def test_compile_empty_batch():
     assert out.item() == 0.0
     out.backward()
     assert x.grad.shape == x.shape
+
+
+def test_python_schemas_match_the_cpp_library():
+    """fastdiv/ops/schemas.py (used to define the Triton namespace) must not drift from csrc/ops.cpp."""
+    from fastdiv.ops.schemas import SCHEMAS
+
+    for name, schema in SCHEMAS.items():
+        assert str(getattr(torch.ops.fastdiv, name).default._schema) == f"fastdiv::{schema}"
+    cpp_ops = {op for op in dir(torch.ops.fastdiv) if not op.startswith("_") and
+               isinstance(getattr(torch.ops.fastdiv, op), torch._ops.OpOverloadPacket)}
+    assert cpp_ops == set(SCHEMAS)

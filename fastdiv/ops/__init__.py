@@ -1,6 +1,15 @@
 """torch.library glue for the compiled ops: fake (meta) kernels for torch.compile, autograd formulas
-that call the fused pullback kernels, and thin launchers. The C++ schemas live in csrc/ops.cpp."""
-from .._backend import extension_built
+that call the fused pullback kernels, and thin launchers. The C++ schemas live in csrc/ops.cpp; the
+Triton backend defines the same ones under the ``fastdiv_triton`` namespace (triton_ops.py)."""
+from .._backend import extension_built, triton_installed
+from . import gram, rows
 
 if extension_built():
-    from . import gram, rows  # noqa: F401  (registers fake kernels and autograd)
+    gram.register("fastdiv")
+    rows.register("fastdiv")
+
+if triton_installed():
+    from . import triton_ops
+
+    gram.register(triton_ops.NAMESPACE)
+    rows.register(triton_ops.NAMESPACE)

@@ -1,91 +1,88 @@
 """Gram-family ops: the raw Gram, the fused per-input losses (Gram + n x n head in one read of X)
-and their shared pullback dX = A X + beta ⊙ sign(X) (DESIGN.md §2)."""
+and their shared pullback dX = A X + beta ⊙ sign(X) (DESIGN.md §2).
+
+``register(ns)`` installs the fake kernels and autograd formulas for one op namespace ('fastdiv' for
+the C++ kernels, 'fastdiv_triton' for the Triton ones); the launchers take the namespace to call.
+"""
 from __future__ import annotations
 
 import torch
 
 from ._common import acc_dtype, forbid_double_backward
 
-_ops = torch.ops.fastdiv
 
+def register(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
 
-# ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing ----
-@torch.library.register_fake("fastdiv::gram")
-def _gram_fake(x, with_l1):
-    b, n, _ = x.shape
-    acc = acc_dtype(x.dtype)
-    return x.new_empty((b, n, n), dtype=acc), x.new_empty((b, n if with_l1 else 0), dtype=acc)
+    # ---- fake kernels: shapes and dtypes only, for torch.compile / FakeTensor tracing ----
+    @torch.library.register_fake(f"{ns}::gram")
+    def _gram_fake(x, with_l1):
+        b, n, _ = x.shape
+        acc = acc_dtype(x.dtype)
+        return x.new_empty((b, n, n), dtype=acc), x.new_empty((b, n if with_l1 else 0), dtype=acc)
 
+    @torch.library.register_fake(f"{ns}::gram_pullback")
+    def _gram_pullback_fake(x, a, beta):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
-@torch.library.register_fake("fastdiv::gram_pullback")
-def _gram_pullback_fake(x, a, beta):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    @torch.library.register_fake(f"{ns}::gram_loss")
+    def _gram_loss_fake(x, head, eps, jitter, p, rho_max):
+        b, n, _ = x.shape
+        torch._check(n >= 2, lambda: f"{ns}::gram_loss needs n >= 2 samples, got {n}")
+        acc = acc_dtype(x.dtype)
+        return (x.new_empty((b,), dtype=acc), x.new_empty((b, n, n), dtype=acc),
+                x.new_empty((b, n if head == "sparsity" else 0), dtype=acc))
 
+    @torch.library.register_fake(f"{ns}::concentration_stats")
+    def _stats_fake(x, q, eps, jitter, rho_max):
+        return x.new_empty((x.shape[0], 6), dtype=acc_dtype(x.dtype))
 
-@torch.library.register_fake("fastdiv::gram_loss")
-def _gram_loss_fake(x, head, eps, jitter, p, rho_max):
-    b, n, _ = x.shape
-    torch._check(n >= 2, lambda: f"fastdiv::gram_loss needs n >= 2 samples, got {n}")
-    acc = acc_dtype(x.dtype)
-    return (x.new_empty((b,), dtype=acc), x.new_empty((b, n, n), dtype=acc),
-            x.new_empty((b, n if head == "sparsity" else 0), dtype=acc))
+    # ---- autograd ----
+    def _gram_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0])
 
+    def _gram_backward(ctx, grad_s, grad_l1):
+        if grad_s is None and grad_l1 is None:
+            return None, None
+        (x,) = ctx.saved_tensors
+        b, n, _ = x.shape
+        a = (grad_s + grad_s.transpose(1, 2)) if grad_s is not None else x.new_zeros((b, n, n), dtype=acc_dtype(x.dtype))
+        beta = grad_l1 if grad_l1 is not None and grad_l1.numel() else None
+        return ops.gram_pullback(x, a, beta), None
 
-@torch.library.register_fake("fastdiv::concentration_stats")
-def _stats_fake(x, q, eps, jitter, rho_max):
-    return x.new_empty((x.shape[0], 6), dtype=acc_dtype(x.dtype))
+    torch.library.register_autograd(f"{ns}::gram", _gram_backward, setup_context=_gram_setup)
 
+    def _gram_loss_setup(ctx, inputs, output):
+        _, a, beta = output
+        ctx.mark_non_differentiable(a, beta)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the coefficient outputs
+        ctx.save_for_backward(inputs[0], a, beta)
 
-# ---- autograd ----
-def _gram_setup(ctx, inputs, output):
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(inputs[0])
+    def _gram_loss_backward(ctx, grad_loss, grad_a, grad_beta):
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        x, a, beta = ctx.saved_tensors
+        scaled_beta = beta * grad_loss[:, None] if beta.numel() else None
+        return ops.gram_pullback(x, a * grad_loss[:, None, None], scaled_beta), None, None, None, None, None
 
-
-def _gram_backward(ctx, grad_s, grad_l1):
-    if grad_s is None and grad_l1 is None:
-        return None, None
-    (x,) = ctx.saved_tensors
-    b, n, _ = x.shape
-    a = (grad_s + grad_s.transpose(1, 2)) if grad_s is not None else x.new_zeros((b, n, n), dtype=acc_dtype(x.dtype))
-    beta = grad_l1 if grad_l1 is not None and grad_l1.numel() else None
-    return _ops.gram_pullback(x, a, beta), None
-
-
-torch.library.register_autograd("fastdiv::gram", _gram_backward, setup_context=_gram_setup)
-
-
-def _gram_loss_setup(ctx, inputs, output):
-    _, a, beta = output
-    ctx.mark_non_differentiable(a, beta)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the coefficient outputs
-    ctx.save_for_backward(inputs[0], a, beta)
-
-
-def _gram_loss_backward(ctx, grad_loss, grad_a, grad_beta):
-    if grad_loss is None:
-        return None, None, None, None, None, None
-    x, a, beta = ctx.saved_tensors
-    scaled_beta = beta * grad_loss[:, None] if beta.numel() else None
-    return _ops.gram_pullback(x, a * grad_loss[:, None, None], scaled_beta), None, None, None, None, None
-
-
-torch.library.register_autograd("fastdiv::gram_loss", _gram_loss_backward, setup_context=_gram_loss_setup)
-forbid_double_backward("gram_pullback")
+    torch.library.register_autograd(f"{ns}::gram_loss", _gram_loss_backward, setup_context=_gram_loss_setup)
+    forbid_double_backward(ns, "gram_pullback")
 
 
 # ---- launchers (x is the [B, n, D] view made by fastdiv._checks.as_rows) ----
-def gram(x: torch.Tensor, with_l1: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def gram(x: torch.Tensor, with_l1: bool = False, *, ns: str = "fastdiv") -> tuple[torch.Tensor, torch.Tensor]:
     """Raw Gram S = X X^T [B, n, n] and row l1 norms [B, n] (or [B, 0]), differentiable."""
-    return _ops.gram(x, with_l1)
+    return getattr(torch.ops, ns).gram(x, with_l1)
 
 
 def gram_loss(x: torch.Tensor, head: str, *, eps: float, jitter: float = 0.0, p: float = 0.0,
-              rho_max: float = 0.0) -> torch.Tensor:
+              rho_max: float = 0.0, ns: str = "fastdiv") -> torch.Tensor:
     """Per-input loss [B] of a Gram head, differentiable with a fused one-pass backward."""
-    return _ops.gram_loss(x, head, eps, jitter, p, rho_max)[0]
+    return getattr(torch.ops, ns).gram_loss(x, head, eps, jitter, p, rho_max)[0]
 
 
-def concentration_stats(x: torch.Tensor, *, q: float, eps: float, jitter: float, rho_max: float) -> torch.Tensor:
+def concentration_stats(x: torch.Tensor, *, q: float, eps: float, jitter: float, rho_max: float,
+                        ns: str = "fastdiv") -> torch.Tensor:
     """[B, 6]: rho, rho_q, kappa, mean cosine, coherence, dpp. Not differentiable."""
-    return _ops.concentration_stats(x.detach(), q, eps, jitter, rho_max)
+    return getattr(torch.ops, ns).concentration_stats(x.detach(), q, eps, jitter, rho_max)

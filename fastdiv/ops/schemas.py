@@ -1,0 +1,21 @@
+"""The op schemas, as the C++ library defines them in csrc/ops.cpp (a test checks they agree).
+
+The Triton backend defines the same schemas under its own namespace, ``fastdiv_triton``, from this
+list: C++ owns the ``fastdiv`` namespace, and a Triton-only install has no C++ to read them from.
+"""
+
+SCHEMAS = {
+    "gram": "gram(Tensor x, bool with_l1) -> (Tensor, Tensor)",
+    "gram_pullback": "gram_pullback(Tensor x, Tensor a, Tensor? beta) -> Tensor",
+    "gram_loss": "gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> "
+                 "(Tensor, Tensor, Tensor)",
+    "concentration_stats": "concentration_stats(Tensor x, float q, float eps, float jitter, float rho_max) -> Tensor",
+    "normalize": "normalize(Tensor x, float eps) -> Tensor",
+    "normalize_pullback": "normalize_pullback(Tensor x, Tensor grad, float eps) -> Tensor",
+    "column_stats": "column_stats(Tensor x, float eps) -> (Tensor, Tensor, Tensor)",
+    "column_stats_pullback": "column_stats_pullback(Tensor x, Tensor r, Tensor mean, Tensor? grad_r, "
+                             "Tensor? grad_mean, Tensor? grad_var, float eps) -> Tensor",
+}
+
+#: op namespace of each compiled backend
+NAMESPACES = {"cpu": "fastdiv", "cuda": "fastdiv", "triton": "fastdiv_triton"}

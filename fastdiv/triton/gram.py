@@ -1,0 +1,196 @@
+"""Triton kernels of the Gram family: the raw Gram S = X X^T (+ row l1 norms), the column resultant
+||sum_i u_i||^2 behind R_kappa / Omega_M / the MRL statistics, and the pullback dX = A X + beta ⊙ sign(X).
+
+x is [B, n, D] with unit stride on D and any strides on B and n (the strides go to the kernels, no
+copy). Accumulation is in the "acc" dtype (fp32, fp64 for fp64 inputs), taken from the output pointer.
+Every output element is written by exactly one program: no atomics, results are deterministic.
+The n x n heads run afterwards in float64 on the Gram (fastdiv/triton/heads.py), as the C++ CPU ops do.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .heads import acc_dtype, gram_statistics, head_forward, inverse_norms, parse_head
+
+#: Register budget of one program, in elements of the [BLOCK_N, BLOCK_D] tile.
+_TILE_ELEMS = 4096
+
+
+def _blocks(n: int, d: int) -> tuple[int, int]:
+    block_n = triton.next_power_of_2(max(n, 1))
+    block_d = min(triton.next_power_of_2(max(d, 1)), max(16, _TILE_ELEMS // block_n))
+    return block_n, block_d
+
+
+@triton.jit
+def _gram_kernel(x_ptr, s_ptr, l1_ptr, n, d, stride_b, stride_n,
+                 WITH_L1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per input b: S_b = X_b X_b^T accumulated over D tiles in [BLOCK_N, BLOCK_N] registers.
+    acc_t = s_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n
+    base = x_ptr + b * stride_b
+    s = tl.zeros((BLOCK_N, BLOCK_N), dtype=acc_t)
+    l1 = tl.zeros((BLOCK_N,), dtype=acc_t)
+    for d0 in range(0, d, BLOCK_D):
+        col_ok = (d0 + cols) < d
+        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0).to(acc_t)
+        if WITH_L1:
+            l1 += tl.sum(tl.abs(tile), axis=1)
+        xj_ptr = base + d0 + cols  # row j, advanced as a 64-bit pointer (j * stride_n may pass 2^31)
+        for j in range(n):
+            xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
+            sj = tl.sum(tile * xj[None, :], axis=1)  # column j of S over this tile
+            s += tl.where(rows[None, :] == j, sj[:, None], 0)
+            xj_ptr += stride_n
+    out = s_ptr + b * n * n + rows[:, None] * n + rows[None, :]
+    tl.store(out, s, mask=row_ok[:, None] & row_ok[None, :])
+    if WITH_L1:
+        tl.store(l1_ptr + b * n + rows, l1, mask=row_ok)
+
+
+@triton.jit
+def _resultant_kernel(x_ptr, inv_r_ptr, sq_ptr, m_ptr, n, d, stride_b, stride_n,
+                      STORE_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per input b: column sums m = sum_i x_i / r_i over D tiles, in float64 whatever the
+    # input dtype (as the CPU kernel): where the rows cancel, rho ~ 1e-8 of fp32 rounding would pass
+    # R_kappa's rho floor (1e-10) and blow up its gradient. Writes ||m||^2 [B] and, when STORE_M, m
+    # itself ([B, D] float64, for the l_q mean resultant length).
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n
+    base = x_ptr + b * stride_b
+    inv_r = tl.load(inv_r_ptr + b * n + rows, mask=row_ok, other=0)
+    sq = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    for d0 in range(0, d, BLOCK_D):
+        col_ok = (d0 + cols) < d
+        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.float64)
+        m = tl.sum(tile * inv_r[:, None], axis=0)
+        sq += m * m
+        if STORE_M:
+            tl.store(m_ptr + b * d + d0 + cols, m, mask=col_ok)
+    tl.store(sq_ptr + b, tl.sum(sq, axis=0))
+
+
+@triton.jit
+def _pullback_kernel(x_ptr, a_ptr, beta_ptr, dx_ptr, n, d, stride_b, stride_n,
+                     HAS_BETA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (b, D tile): dX_tile = A_b X_tile + beta_b ⊙ sign(X_tile), as a sum of n
+    # rank-one updates (column j of A times row j of the tile).
+    acc_t = a_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1) * BLOCK_D
+    rows = tl.arange(0, BLOCK_N)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    row_ok = rows < n
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    base = x_ptr + b * stride_b
+    out = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_t)
+    if HAS_BETA:
+        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + cols[None, :], mask=mask, other=0).to(acc_t)
+        # sign(NaN) = 0, as (v > 0) - (v < 0) in the CPU kernel
+        sgn = tl.where(tile > 0, 1.0, 0.0).to(acc_t) - tl.where(tile < 0, 1.0, 0.0).to(acc_t)
+        beta = tl.load(beta_ptr + b * n + rows, mask=row_ok, other=0)
+        out += beta[:, None] * sgn
+    a_base = a_ptr + b * n * n
+    xj_ptr = base + cols  # row j, advanced as a 64-bit pointer (j * stride_n may pass 2^31)
+    for j in range(n):
+        aj = tl.load(a_base + rows * n + j, mask=row_ok, other=0)
+        xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
+        out += aj[:, None] * xj[None, :]
+        xj_ptr += stride_n
+    dst = dx_ptr + b * n * d + rows[:, None].to(tl.int64) * d + cols[None, :]
+    tl.store(dst, out.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def gram(x: torch.Tensor, with_l1: bool):
+    """Raw Gram S [B, n, n] and row l1 norms [B, n] (or [B, 0]), both in the acc dtype."""
+    B, n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    s = torch.empty((B, n, n), dtype=acc, device=x.device)
+    l1 = torch.empty((B, n if with_l1 else 0), dtype=acc, device=x.device)
+    if B == 0 or n == 0:
+        return s, l1
+    if d == 0:
+        s.zero_()
+        l1.zero_()
+        return s, l1
+    block_n, block_d = _blocks(n, d)
+    _gram_kernel[(B,)](x, s, l1 if with_l1 else s, n, d, x.stride(0), x.stride(1),
+                       WITH_L1=bool(with_l1), BLOCK_N=block_n, BLOCK_D=block_d)
+    return s, l1
+
+
+def _resultant(x: torch.Tensor, inv_r: torch.Tensor, store_m: bool):
+    """||sum_i x_i inv_r_i||^2 per input [B] and, when store_m, the column sums [B, D] (float64;
+    inv_r is the float64 [B, n] of heads.inverse_norms)."""
+    B, n, d = x.shape
+    sq = torch.empty((B,), dtype=torch.float64, device=x.device)
+    m = torch.empty((B, d if store_m else 0), dtype=torch.float64, device=x.device)
+    if B == 0:
+        return sq, m
+    if d == 0:
+        sq.zero_()
+        return sq, m
+    block_n, block_d = _blocks(n, d)
+    _resultant_kernel[(B,)](x, inv_r.to(torch.float64).contiguous(), sq, m if store_m else sq, n, d,
+                            x.stride(0), x.stride(1), STORE_M=bool(store_m),
+                            BLOCK_N=block_n, BLOCK_D=block_d)
+    return sq, m
+
+
+def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """dX = A X + beta ⊙ sign(X); x.dtype, contiguous [B, n, D]."""
+    B, n, d = x.shape
+    dx = torch.empty((B, n, d), dtype=x.dtype, device=x.device)
+    if dx.numel() == 0:
+        return dx
+    a = a.contiguous()
+    has_beta = beta is not None and beta.numel() > 0
+    beta_arg = beta.contiguous() if has_beta else a
+    block_n, block_d = _blocks(n, d)
+    block_d = min(block_d, 256)
+    grid = (B, triton.cdiv(d, block_d))
+    _pullback_kernel[grid](x, a, beta_arg, dx, n, d, x.stride(0), x.stride(1),
+                           HAS_BETA=has_beta, BLOCK_N=block_n, BLOCK_D=block_d)
+    return dx
+
+
+def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, rho_max: float):
+    """Per-input loss [B], pullback coefficients A [B, n, n] and beta [B, n] ([B, 0] unless sparsity)."""
+    h = parse_head(head)
+    B, n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    if B == 0:
+        return (torch.empty((0,), dtype=acc, device=x.device), torch.empty((0, n, n), dtype=acc, device=x.device),
+                torch.empty((0, n if h == "sparsity" else 0), dtype=acc, device=x.device))
+    s, l1 = gram(x, h == "sparsity")
+    s64 = s.double()
+    resultant = None
+    if h in ("kappa", "mean_penalty"):
+        sq, _ = _resultant(x, inverse_norms(s64, eps), False)
+        resultant = sq.double()
+    loss, A, beta = head_forward(h, s64, l1.double(), resultant, d, eps, jitter, p, rho_max)
+    if h != "sparsity":
+        beta = beta[:, :0]
+    return loss.to(acc), A.to(acc).contiguous(), beta.to(acc).contiguous()
+
+
+def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rho_max: float) -> torch.Tensor:
+    """[B, 6] acc: rho, rho_q, kappa, mean cosine, coherence, dpp."""
+    B, n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    if B == 0:
+        return torch.empty((0, 6), dtype=acc, device=x.device)
+    s, _ = gram(x, False)
+    s64 = s.double()
+    sq, m = _resultant(x, inverse_norms(s64, eps), True)
+    return gram_statistics(s64, sq.double(), m.double(), q, n, d, eps, jitter, rho_max).to(acc).contiguous()
