@@ -319,3 +319,42 @@ def test_triton_namespace_opcheck_and_compile():
     eager.backward()
     torch.testing.assert_close(value, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, leaf.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a real GPU (skipped elsewhere): the compiled Triton kernels on CUDA tensors against the C++ CPU ops.
+# Run without the interpreter: TRITON_INTERPRET=0 python -m pytest tests/test_triton.py -k cuda
+# ---------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs a CUDA device and TRITON_INTERPRET unset (compiled Triton)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: DT[d])
+@pytest.mark.parametrize("name", PUBLIC_LOSSES)
+def test_cuda_losses_match_cpu(name, dtype):
+    fn = getattr(fastdiv, name)
+    x = _x64(64, 10, 3, 32, 32, seed=9).to(dtype)
+    leaf_gpu = x.cuda().requires_grad_()
+    got = fn(leaf_gpu, reduction="none", backend="triton")
+    got.sum().backward()
+    leaf_cpu = x.clone().requires_grad_()
+    want = fn(leaf_cpu, reduction="none", backend="cpu")
+    want.sum().backward()
+    rtol, atol = ACC_TOL.get(dtype, ACC_TOL[torch.float32])
+    torch.testing.assert_close(got.cpu(), want, rtol=rtol * 10, atol=atol * 10)
+    out_rtol, out_atol = OUT_TOL[dtype]
+    scale = want.abs().max().item() or 1.0
+    torch.testing.assert_close(leaf_gpu.grad.cpu(), leaf_cpu.grad, rtol=out_rtol * 10,
+                               atol=out_atol * 10 * leaf_cpu.grad.abs().max().item() + 1e-12 * scale)
+
+
+@needs_cuda
+def test_cuda_stats_and_rows_match_cpu():
+    x = _x64(32, 7, 1000, seed=10).float()
+    got = fastdiv.concentration_stats(x.cuda(), backend="triton")
+    want = fastdiv.concentration_stats(x, backend="cpu")
+    for field in got._fields:
+        torch.testing.assert_close(getattr(got, field).cpu(), getattr(want, field), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fastdiv.normalize(x.cuda(), backend="triton").cpu(),
+                               fastdiv.normalize(x, backend="cpu"), rtol=1e-5, atol=1e-6)
