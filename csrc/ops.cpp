@@ -17,6 +17,7 @@ TORCH_LIBRARY(fastdiv, m) {
   m.def(
       "column_stats_pullback(Tensor x, Tensor r, Tensor mean, Tensor? grad_r, Tensor? grad_mean, "
       "Tensor? grad_var, float eps) -> Tensor");
+  m.def("eot_step(Tensor x, Tensor x0, Tensor grads, Tensor alpha, Tensor eps, str norm, float lo, float hi, bool clip, Tensor? momentum, float decay) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastdiv, CPU, m) {
@@ -29,4 +30,5 @@ TORCH_LIBRARY_IMPL(fastdiv, CPU, m) {
   m.impl("normalize_pullback", &cpu::normalize_pullback);
   m.impl("column_stats", &cpu::column_stats);
   m.impl("column_stats_pullback", &cpu::column_stats_pullback);
+  m.impl("eot_step", &cpu::eot_step);
 }

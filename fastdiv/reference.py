@@ -196,3 +196,68 @@ def concentration_stats(grads: torch.Tensor, q: float = 1.0, jitter: float = JIT
         coherence=max_cosine_loss(grads, eps),
         dpp=dpp_loss(grads, jitter, eps),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The EOT attack step (DESIGN.md §2), the oracle of the fused ``eot_step`` kernels.
+# ---------------------------------------------------------------------------------------------------
+
+EOT_NORMS = ("linf", "l2")
+
+
+def _inv_or_zero(norm: torch.Tensor) -> torch.Tensor:
+    """1 / norm, 0 where the norm is 0 (no direction), NaN where it is NaN."""
+    return torch.where(norm == 0, torch.zeros_like(norm), 1.0 / norm)
+
+
+def _per_example_column(value, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A scalar or a [B] tensor as a [B, 1] column."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype).reshape(-1, 1).expand(batch, 1)
+    return torch.full((batch, 1), float(value), dtype=dtype, device=device)
+
+
+def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, eps, norm: str = "linf",
+             clip: tuple[float, float] | None = (0.0, 1.0), sample_dim: int = 0,
+             momentum: torch.Tensor | None = None, decay: float = 1.0):
+    """One step of EOT-PGD / EOT-MI-FGSM on a batch, as the formulas read (no validation, no fusion).
+
+    ``x``, ``x0``: [B, *features] (current and clean inputs); ``grads``: [n, B, *features]
+    (``sample_dim=0``) or [B, n, *features] (``sample_dim=1``). With g = mean of the n gradients:
+    ``v = g``, or with ``momentum`` ``v = m_new = decay * m + g / ||g||_1`` (0 where ||g||_1 = 0);
+    direction = sign(v) (l_inf) or v / ||v||_2 (l2; 0 where ||v|| = 0); then
+    ``x_new = clip(x0 + P(x + alpha * direction - x0))`` with P the projection onto the eps-ball
+    (element clamp for l_inf, scaling by min(1, eps / ||delta||_2) for l2). Norms are per example over
+    all features. Computed in float32 (float64 if any input is float64); NaN in v propagates (unlike
+    ``torch.sign``, which maps NaN to 0). Returns ``x_new`` (x's dtype), or ``(x_new, m_new)`` with
+    ``momentum`` (momentum's dtype).
+    """
+    dtypes = (x.dtype, x0.dtype, grads.dtype)
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    b = x.shape[0]
+    xf = x.detach().to(acc).flatten(1)
+    x0f = x0.detach().to(acc).flatten(1)
+    g = grads.detach().to(acc).mean(dim=sample_dim).flatten(1)
+    a = _per_example_column(alpha, b, acc, x.device)
+    e = _per_example_column(eps, b, acc, x.device)
+    v = g
+    if momentum is not None:
+        l1 = g.abs().sum(dim=1, keepdim=True)
+        v = decay * momentum.detach().to(acc).flatten(1) + g * _inv_or_zero(l1)
+    if norm == "linf":
+        direction = torch.where(torch.isnan(v), v, torch.sign(v))
+        delta = torch.clamp(xf + a * direction - x0f, -e, e)
+    elif norm == "l2":
+        direction = v * _inv_or_zero(torch.linalg.vector_norm(v, dim=1, keepdim=True))
+        delta = xf + a * direction - x0f
+        dn = torch.linalg.vector_norm(delta, dim=1, keepdim=True)
+        delta = delta * torch.where(dn > e, e / dn, torch.ones_like(dn))
+    else:
+        raise ValueError(f"eot_step: norm must be one of {EOT_NORMS}, got {norm!r}")
+    out = x0f + delta
+    if clip is not None:
+        out = out.clamp(float(clip[0]), float(clip[1]))
+    out = out.to(x.dtype).reshape(x.shape)
+    if momentum is None:
+        return out
+    return out, v.to(momentum.dtype).reshape(momentum.shape)

@@ -37,6 +37,15 @@ at::Tensor column_stats_pullback(const at::Tensor& x, const at::Tensor& r, const
                                  const std::optional<at::Tensor>& grad_mean,
                                  const std::optional<at::Tensor>& grad_var, double eps);
 
+// Fused EOT step on x, x0 [B, D] and grads [B, n, D]: mean gradient, sign (norm "linf") or l2 direction,
+// optional MI-FGSM momentum m <- decay m + g / ||g||_1 (momentum [B, D] acc), step by alpha, projection onto
+// the eps-ball around x0 and, when clip, clamp to [lo, hi]. alpha, eps are [B] acc. Returns x_new [B, D]
+// (x's dtype) and the new momentum [B, D] acc ([B, 0] without momentum).
+std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
+                                            const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
+                                            double lo, double hi, bool clip,
+                                            const std::optional<at::Tensor>& momentum, double decay);
+
 // Argument checks shared by every op: 3-D, floating dtype, CPU, unit stride on the last dim.
 void check_rows(const at::Tensor& x, const char* op);
 

@@ -15,6 +15,8 @@ SCHEMAS = {
     "column_stats": "column_stats(Tensor x, float eps) -> (Tensor, Tensor, Tensor)",
     "column_stats_pullback": "column_stats_pullback(Tensor x, Tensor r, Tensor mean, Tensor? grad_r, "
                              "Tensor? grad_mean, Tensor? grad_var, float eps) -> Tensor",
+    "eot_step": "eot_step(Tensor x, Tensor x0, Tensor grads, Tensor alpha, Tensor eps, str norm, float lo, "
+                "float hi, bool clip, Tensor? momentum, float decay) -> (Tensor, Tensor)",
 }
 
 #: op namespace of each compiled backend

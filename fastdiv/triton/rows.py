@@ -34,17 +34,24 @@ def _inv_norm(sumsq, eps_ptr):
 
 
 @triton.jit
+def _row_sumsq(src, d, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    # sum of squares of one row of d values at src, accumulated in ACC
+    cols = tl.arange(0, BLOCK_D)
+    ss = tl.zeros((BLOCK_D,), dtype=ACC)
+    for d0 in range(0, d, BLOCK_D):
+        v = tl.load(src + d0 + cols, mask=d0 + cols < d, other=0).to(ACC)
+        ss += v * v
+    return tl.sum(ss, axis=0)
+
+
+@triton.jit
 def _normalize_kernel(x_ptr, u_ptr, eps_ptr, n, d, stride_b, stride_n,
                       ACC: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     src = x_ptr + (row // n) * stride_b + (row % n) * stride_n
     dst = u_ptr + row * d
     cols = tl.arange(0, BLOCK_D)
-    ss = tl.zeros((BLOCK_D,), dtype=ACC)
-    for d0 in range(0, d, BLOCK_D):
-        v = tl.load(src + d0 + cols, mask=d0 + cols < d, other=0).to(ACC)
-        ss += v * v
-    _, inv_r64 = _inv_norm(tl.sum(ss, axis=0), eps_ptr)
+    _, inv_r64 = _inv_norm(_row_sumsq(src, d, BLOCK_D, ACC), eps_ptr)
     inv_r = inv_r64.to(ACC)
     for d0 in range(0, d, BLOCK_D):
         ok = d0 + cols < d
@@ -87,12 +94,7 @@ def _row_norm_kernel(x_ptr, r_ptr, inv_r_ptr, eps_ptr, n, d, stride_b, stride_n,
     acc_t = r_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     src = x_ptr + (row // n) * stride_b + (row % n) * stride_n
-    cols = tl.arange(0, BLOCK_D)
-    ss = tl.zeros((BLOCK_D,), dtype=acc_t)
-    for d0 in range(0, d, BLOCK_D):
-        v = tl.load(src + d0 + cols, mask=d0 + cols < d, other=0).to(acc_t)
-        ss += v * v
-    norm, inv_r = _inv_norm(tl.sum(ss, axis=0), eps_ptr)
+    norm, inv_r = _inv_norm(_row_sumsq(src, d, BLOCK_D, acc_t), eps_ptr)
     tl.store(r_ptr + row, norm.to(acc_t))
     tl.store(inv_r_ptr + row, inv_r.to(acc_t))
 

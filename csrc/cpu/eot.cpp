@@ -1,0 +1,180 @@
+// The fused EOT step (DESIGN.md §2): mean of the n sample gradients, sign (l_inf) or l2 direction,
+// optional MI-FGSM momentum, step, projection onto the eps-ball around x0 and clamp to [lo, hi].
+//
+// One batch element per iteration. The mean gradient (then the momentum) lives in a D-long acc
+// buffer, so grads is read once whatever the norm: l_inf needs nothing else; the l2 norm of the
+// direction and of the stepped offset (which depends on that norm) are reduced over the buffer while it
+// is still in cache. Reductions of norms run in double per tile, as rows.cpp does.
+//
+// NaN/Inf propagate: sign(NaN) = NaN, and the clamps below pass NaN through (std::clamp does not
+// promise to), so a NaN gradient poisons only its own example.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+#include "tile.h"
+
+namespace fastdiv::cpu {
+namespace {
+
+template <typename A>
+inline A sign_nan(A v) {
+  return v > 0 ? A(1) : (v < 0 ? A(-1) : v * A(0));  // 0 * NaN keeps NaN, 0 stays 0
+}
+
+template <typename A>
+inline A clamp_nan(A v, A lo, A hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// 1 / norm, 0 for a zero norm (no direction), NaN for a NaN norm.
+template <typename A>
+inline A inv_or_zero(double norm) {
+  return norm == 0 ? A(0) : static_cast<A>(1.0 / norm);
+}
+
+template <typename A>
+double sum_sq(const A* v, int64_t d) {
+  double s = 0;
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) s += static_cast<double>(dot(v + d0, v + d0, std::min(kTile, d - d0)));
+  return s;
+}
+
+template <typename A>
+double sum_abs(const A* v, int64_t d) {
+  double s = 0;
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) s += static_cast<double>(abs_sum(v + d0, std::min(kTile, d - d0)));
+  return s;
+}
+
+template <typename T>
+void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, const at::Tensor& alpha,
+                const at::Tensor& eps, bool l2, double lo, double hi, bool clip, const at::Tensor* m,
+                double decay, at::Tensor& out, at::Tensor* m_out) {
+  using A = acc_t<T>;
+  const int64_t B = g.size(0), n = g.size(1), d = g.size(2);
+  const auto rows = rows_of<T>(g);
+  const T* xp = x.const_data_ptr<T>();
+  const T* x0p = x0.const_data_ptr<T>();
+  const int64_t sx = x.stride(0), sx0 = x0.stride(0);
+  const A* ap = alpha.const_data_ptr<A>();
+  const A* ep = eps.const_data_ptr<A>();
+  const A* mp = m ? m->const_data_ptr<A>() : nullptr;
+  const int64_t sm = m ? m->stride(0) : 0;
+  A* mo = m_out ? m_out->data_ptr<A>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const A lo_a = static_cast<A>(lo), hi_a = static_cast<A>(hi), decay_a = static_cast<A>(decay);
+  const A n_a = static_cast<A>(n);
+  at::parallel_for(0, B, batch_grain(n + 2, d), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(d);
+    A* v = buf.data();
+    for (int64_t b = begin; b < end; ++b) {
+      // mean gradient, rows summed in order (the reference's order: the sign of a near-zero sum
+      // must not depend on the backend)
+      const T* r0 = rows.row(b, 0);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) v[k] = load_as<A>(r0[k]);
+      for (int64_t i = 1; i < n; ++i) {
+        const T* ri = rows.row(b, i);
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) v[k] += load_as<A>(ri[k]);
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) v[k] /= n_a;
+      if (mp) {  // MI-FGSM: m <- decay m + g / ||g||_1
+        const A inv_l1 = inv_or_zero<A>(sum_abs(v, d));
+        const A* mb = mp + b * sm;
+        A* mob = mo + b * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) {
+          v[k] = decay_a * mb[k] + v[k] * inv_l1;
+          mob[k] = v[k];
+        }
+      }
+      const A a = ap[b], e = ep[b];
+      const T* xb = xp + b * sx;
+      const T* x0b = x0p + b * sx0;
+      T* ob = op + b * d;
+      if (!l2) {
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) {
+          const A x0v = load_as<A>(x0b[k]);
+          const A stepped = load_as<A>(xb[k]) + a * sign_nan(v[k]);
+          A y = x0v + clamp_nan(stepped - x0v, -e, e);
+          if (clip) y = clamp_nan(y, lo_a, hi_a);
+          ob[k] = store_as<T>(y);
+        }
+        continue;
+      }
+      const A inv = inv_or_zero<A>(std::sqrt(sum_sq(v, d)));
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) v[k] = (load_as<A>(xb[k]) + a * (v[k] * inv)) - load_as<A>(x0b[k]);
+      const double norm = std::sqrt(sum_sq(v, d));
+      // scale delta by min(1, eps / ||delta||); a zero (or NaN) norm leaves it unchanged
+      const A f = norm > static_cast<double>(e) ? static_cast<A>(static_cast<double>(e) / norm) : A(1);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) {
+        A y = load_as<A>(x0b[k]) + v[k] * f;
+        if (clip) y = clamp_nan(y, lo_a, hi_a);
+        ob[k] = store_as<T>(y);
+      }
+    }
+  });
+}
+
+void check_features(const at::Tensor& t, const at::Tensor& g, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == g.size(0) && t.size(1) == g.size(2), "fastdiv::eot_step: ",
+                    name, " must be [B, D] = [", g.size(0), ", ", g.size(2), "], got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == g.scalar_type(), "fastdiv::eot_step: ", name, " must have grads' dtype ",
+                   g.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastdiv::eot_step: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastdiv::eot_step: ", name,
+                    " needs unit stride on the feature dim, got stride ", t.stride(1));
+}
+
+at::Tensor per_example(const at::Tensor& t, int64_t B, at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.scalar_type() == acc && t.device().is_cpu(),
+                    "fastdiv::eot_step: ", name, " must be a [", B, "] CPU tensor of ", acc, ", got ", t.sizes(),
+                    " of ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
+                                            const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
+                                            double lo, double hi, bool clip,
+                                            const std::optional<at::Tensor>& momentum, double decay) {
+  check_rows(grads, "eot_step");
+  const int64_t B = grads.size(0), n = grads.size(1), d = grads.size(2);
+  TORCH_CHECK_VALUE(n >= 1, "fastdiv::eot_step: grads needs at least one sample, got [B, n, D] = ", grads.sizes());
+  TORCH_CHECK_VALUE(norm == "linf" || norm == "l2", "fastdiv::eot_step: norm must be 'linf' or 'l2', got '", norm,
+                    "'");
+  check_features(x, grads, "x");
+  check_features(x0, grads, "x0");
+  const auto acc = acc_scalar_type(grads.scalar_type());
+  const at::Tensor a = per_example(alpha, B, acc, "alpha");
+  const at::Tensor e = per_example(eps, B, acc, "eps");
+  at::Tensor m;
+  const bool has_m = momentum.has_value() && momentum->defined();
+  if (has_m) {
+    m = *momentum;
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == d && m.scalar_type() == acc &&
+                          m.device().is_cpu(),
+                      "fastdiv::eot_step: momentum must be a [", B, ", ", d, "] CPU tensor of ", acc, ", got ",
+                      m.sizes(), " of ", m.scalar_type(), " on ", m.device());
+    if (d > 1 && m.stride(1) != 1) m = m.contiguous();
+  }
+  at::Tensor out = at::empty({B, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor m_out = at::empty({B, has_m ? d : 0}, x.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || d == 0) return {out, m_out};
+  FASTDIV_DISPATCH(grads, "fastdiv::eot_step", [&] {
+    eot_kernel<scalar_t>(x, x0, grads, a, e, norm == "l2", lo, hi, clip, has_m ? &m : nullptr, decay, out,
+                         has_m ? &m_out : nullptr);
+  });
+  return {out, m_out};
+}
+
+}  // namespace fastdiv::cpu

@@ -1,0 +1,152 @@
+"""The fused EOT attack step: one call updates an adversarial batch from the input gradients of n
+sample models (EOT-PGD, EOT-MI-FGSM; DESIGN.md §2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from ._backend import resolve_backend
+from ._checks import FLOAT_DTYPES, as_rows
+from .ops.schemas import NAMESPACES
+from .reference import EOT_NORMS
+
+__all__ = ["eot_step"]
+
+
+def _ops():
+    from . import ops  # imported lazily: only the compiled backends need it
+
+    return ops
+
+
+def _check_tensor(t, name: str, fn: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+    return t
+
+
+def _check_number(value, name: str, fn: str, *, minimum: float = 0.0) -> float:
+    # comparisons instead of math.isfinite: NaN fails both
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a number or a per-example tensor, got {type(value).__name__}")
+    if not minimum <= value < math.inf:
+        raise ValueError(f"{fn}: {name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _per_example(value, name: str, batch: int, x: torch.Tensor, acc: torch.dtype, fn: str) -> torch.Tensor:
+    """alpha / eps as a [B] tensor of the accumulation dtype (a number, or a [] or [B] tensor >= 0)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((batch,), _check_number(value, name, fn), dtype=acc, device=x.device)
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{fn}: {name} must be a real tensor, got {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {value.device} but x is on {x.device}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{fn}: {name} must be a number or a per-example tensor of shape [{batch}] (or []), "
+                         f"got shape {tuple(value.shape)}")
+    value = value.detach().to(acc)
+    if value.numel() and not bool(((value >= 0) & (value < math.inf)).all()):
+        raise ValueError(f"{fn}: {name} must be finite and >= 0 for every example, got {value.tolist()}")
+    return value.expand(batch).contiguous()
+
+
+def _rows_view(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, *features] as a [B, D] view with unit stride on D (one copy only if needed)."""
+    v = t.detach().reshape(batch, math.prod(t.shape[1:]))
+    return v.contiguous() if v.shape[1] > 1 and v.stride(1) != 1 else v
+
+
+def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, eps, norm: str = "linf",
+             clip: tuple[float, float] | None = (0.0, 1.0), sample_dim: int = 0,
+             momentum: torch.Tensor | None = None, decay: float = 1.0, backend: str = "auto"):
+    """One EOT-PGD (or EOT-MI-FGSM) step on a batch, fused: mean of the n sample gradients, step,
+    projection onto the eps-ball around ``x0``, clamp to ``clip``.
+
+    Args:
+        x: the current adversarial batch ``[B, *features]``.
+        x0: the clean batch, same shape.
+        grads: the n sample models' input gradients at ``x``, ``[n, B, *features]`` (``sample_dim=0``,
+            the default: what a sample-batched backward returns)
+            or ``[B, n, *features]`` (``sample_dim=1``); n >= 1. Any strides on the n and B dims; no copy
+            when the flattened features have unit stride.
+        alpha: step size, a number or a per-example tensor ``[B]``; >= 0 (0 is a pure projection).
+        eps: radius of the ball around ``x0``, a number or a per-example tensor ``[B]``; >= 0.
+        norm: ``'linf'`` (direction ``sign(g)``, projection clamps each element to ``[-eps, eps]``) or
+            ``'l2'`` (direction ``g / ||g||_2``, 0 for a zero gradient; projection scales the offset by
+            ``min(1, eps / ||x + alpha d - x0||_2)``). Norms are per example, over all features.
+        clip: ``(lo, hi)`` box of valid inputs (default ``(0, 1)``, images), or None for no clamp.
+        momentum: MI-FGSM buffer ``[B, *features]`` (zeros at the first step). Then
+            ``m_new = decay * m + g / ||g||_1`` (0 where ``||g||_1 = 0``) and the direction is taken
+            from ``m_new`` instead of ``g``. torchattacks' MIFGSM normalizes by ``mean |g|`` instead of
+            the l1 norm: its buffer is D times ours and the steps are identical (sign and l2 direction
+            are scale invariant); only the decay must be the same.
+        decay: momentum decay factor (MI-FGSM's mu), >= 0.
+        backend: 'auto', 'cpu', 'cuda', 'triton' or 'torch' (:func:`fastdiv.reference.eot_step`).
+
+    Returns:
+        ``x_new`` with x's shape and dtype, or ``(x_new, m_new)`` when ``momentum`` is given (m_new has
+        momentum's shape and dtype). Inputs are never modified. The step is computed in float32
+        (float64 for float64 inputs) and is not differentiable: inputs are detached. NaN or Inf in an
+        example's gradients give NaN in that example only (in the affected elements for l_inf without
+        momentum, the whole example otherwise). An empty batch returns empty results.
+    """
+    fn = "eot_step"
+    _check_tensor(x, "x", fn)
+    _check_tensor(x0, "x0", fn)
+    rows = as_rows(grads, sample_dim, fn, min_samples=1)
+    if x.dim() < 2:
+        raise ValueError(f"{fn}: x must be [B, *features] with at least one feature dim, got shape "
+                         f"{tuple(x.shape)}")
+    if x0.shape != x.shape:
+        raise ValueError(f"{fn}: x0 must have x's shape {tuple(x.shape)}, got {tuple(x0.shape)}")
+    batch = x.shape[0]
+    if grads.shape[1 - sample_dim] != batch or grads.shape[2:] != x.shape[1:]:
+        layout = (f"[n, {batch}, {', '.join(map(str, x.shape[1:]))}]" if sample_dim == 0
+                  else f"[{batch}, n, {', '.join(map(str, x.shape[1:]))}]")
+        raise ValueError(f"{fn}: grads must be {layout} for x of shape {tuple(x.shape)} and "
+                         f"sample_dim={sample_dim}, got {tuple(grads.shape)}")
+    for name, t in (("x0", x0), ("grads", grads)):
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+    if not isinstance(norm, str) or norm not in EOT_NORMS:
+        raise ValueError(f"{fn}: norm must be one of {EOT_NORMS}, got {norm!r}")
+    if clip is not None:
+        if (not isinstance(clip, (tuple, list)) or len(clip) != 2
+                or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)):
+            raise TypeError(f"{fn}: clip must be a (lo, hi) pair of numbers or None, got {clip!r}")
+        if not clip[0] <= clip[1]:
+            raise ValueError(f"{fn}: clip must be (lo, hi) with lo <= hi, got {tuple(clip)!r}")
+    decay = _check_number(decay, "decay", fn)
+    if momentum is not None:
+        _check_tensor(momentum, "momentum", fn)
+        if momentum.shape != x.shape:
+            raise ValueError(f"{fn}: momentum must have x's shape {tuple(x.shape)}, got {tuple(momentum.shape)}")
+        if momentum.device != x.device:
+            raise ValueError(f"{fn}: momentum is on {momentum.device} but x is on {x.device}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, x0.dtype), grads.dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    alpha_t = _per_example(alpha, "alpha", batch, x, acc, fn)
+    eps_t = _per_example(eps, "eps", batch, x, acc, fn)
+
+    be = resolve_backend(backend, x, fn)
+    if be == "torch":
+        return reference.eot_step(x, x0, grads, alpha=alpha_t, eps=eps_t, norm=norm, clip=clip,
+                                  sample_dim=sample_dim, momentum=momentum, decay=decay)
+    # mixed input dtypes run in the promoted dtype (a copy of the narrower ones)
+    xv = _rows_view(x, batch).to(dtype)
+    x0v = _rows_view(x0, batch).to(dtype)
+    rows = rows.detach().to(dtype)
+    m = _rows_view(momentum, batch).to(acc) if momentum is not None else None
+    lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+    out, m_new = _ops().eot.eot_step(xv, x0v, rows, alpha_t, eps_t, norm=norm, lo=lo, hi=hi, clip=clip is not None,
+                                     momentum=m, decay=decay, ns=NAMESPACES[be])
+    out = out.to(x.dtype).reshape(x.shape)
+    if momentum is None:
+        return out
+    return out, m_new.to(momentum.dtype).reshape(momentum.shape)
