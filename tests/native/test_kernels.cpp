@@ -607,6 +607,54 @@ TEST(concentration_stats_matches_aten) {
 
 // --------------------------------------------------------------------------------- bad input
 
+// The fused EOT step against the formulas of DESIGN.md §2 in double, for both norms, with and without
+// MI-FGSM momentum, per-example alpha/eps and a strided [B, n, D] view of [n, B, D] gradients.
+TEST(eot_step_matches_aten) {
+  for (const auto dtype : kDtypes)
+    for (const int64_t D : {int64_t{1}, int64_t{37}, cpu::kTile + 3})
+      for (const std::string norm : {"linf", "l2"})
+        for (const bool with_m : {false, true}) {
+          const int64_t B = 3, n = 4;
+          const auto ctx = c10::str(dtype, " D=", D, " ", norm, with_m ? " momentum" : "");
+          const Tensor x0 = at::rand({B, D}, at::kDouble).to(dtype);
+          const Tensor x = (x0.to(at::kDouble) + 0.01 * at::randn({B, D}, at::kDouble)).clamp(0, 1).to(dtype);
+          const Tensor g = randn_input({n, B, D}, dtype).transpose(0, 1);  // strided [B, n, D]
+          const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+          const Tensor alpha = at::tensor({0.01, 0.02, 0.0}, at::kDouble).to(acc);
+          const Tensor eps = at::tensor({0.03, 0.005, 0.1}, at::kDouble).to(acc);
+          const Tensor m0 = at::randn({B, D}, at::kDouble).to(acc);
+          std::optional<Tensor> m;
+          if (with_m) m = m0;
+          const auto [x_new, m_new] = cpu::eot_step(x, x0, g, alpha, eps, norm, 0.0, 1.0, true, m, 0.9);
+
+          // double-precision oracle
+          const Tensor g64 = g.to(at::kDouble).mean(1);
+          Tensor dir = g64;
+          if (with_m) {
+            const Tensor l1 = g64.abs().sum(1, true);
+            const Tensor m_ref = 0.9 * m0.to(at::kDouble) + at::where(l1 > 0, g64 / l1, at::zeros_like(g64));
+            EXPECT_CLOSE(m_new, m_ref, m_ref.abs(), acc_rtol(dtype) * 10, 1e-6, ctx);
+            dir = m_ref;
+          }
+          const Tensor x64 = x.to(at::kDouble), x064 = x0.to(at::kDouble);
+          Tensor delta;
+          if (norm == "linf") {
+            delta = (x64 + alpha.to(at::kDouble).unsqueeze(1) * dir.sign() - x064);
+            delta = at::max(at::min(delta, eps.to(at::kDouble).unsqueeze(1)), -eps.to(at::kDouble).unsqueeze(1));
+          } else {
+            const Tensor dn = dir.norm(2, 1, true);
+            const Tensor unit = at::where(dn > 0, dir / dn, at::zeros_like(dir));
+            delta = x64 + alpha.to(at::kDouble).unsqueeze(1) * unit - x064;
+            const Tensor len = delta.norm(2, 1, true);
+            delta = delta * at::clamp_max(eps.to(at::kDouble).unsqueeze(1) / at::clamp_min(len, 1e-300), 1.0);
+          }
+          const Tensor ref = (x064 + delta).clamp(0, 1);
+          EXPECT(x_new.scalar_type() == dtype && x_new.sizes() == x.sizes(), ctx);
+          // half-precision outputs: a rounding step of x0 + delta may land one ulp away
+          EXPECT_CLOSE(x_new, ref, at::ones_like(ref), out_rtol(dtype) * 4, 1e-9, ctx);
+        }
+}
+
 TEST(bad_inputs_throw_c10_error) {
   const Tensor good = at::randn({2, 3, 8});
   const auto acc = at::TensorOptions().dtype(at::kFloat);
