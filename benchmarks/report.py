@@ -108,7 +108,8 @@ def header(machine: dict, commit: dict, rows: list[dict]) -> list[str]:
         "Median time over rounds of `grads.grad = None; loss = f(grads); loss.backward()` "
         "(concentration_stats: forward only). *fused* = `backend='cpu'`, *eager* = `backend='torch'` "
         "(fastdiv/reference.py), *compiled* = `torch.compile` of the reference. GB/s = minimal traffic / "
-        "median: 3 × bytes(X) for forward + backward, 1 × bytes(X) for forward only; % copy = GB/s over the "
+        "median: 3 × bytes(X) for forward + backward, 1 × bytes(X) for forward only, (n + 3) × bytes(x) for an "
+        "EOT step (+ the momentum buffer read and written); % copy = GB/s over the "
         "copy bandwidth above (same read + write convention). Speedup = other impl's median / fused median.",
         "",
     ]
@@ -128,7 +129,7 @@ def _cases(rows: list[dict]):
 
 def long_table(rows: list[dict]) -> list[str]:
     groups = _cases(rows)
-    out = ["| loss | size (B×n×D) | dtype | impl | median ms | GB/s (3×X) | % copy "
+    out = ["| op | size (B×n×D) | dtype | impl | median ms | GB/s (floor) | % copy "
            "| fused vs eager | fused vs compiled |",
            "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -142,7 +143,7 @@ def long_table(rows: list[dict]) -> list[str]:
 
 
 def wide_table(rows: list[dict]) -> list[str]:
-    out = ["| loss | size (B×n×D) | dtype | fused ms | eager ms | compiled ms | fused GB/s (3×X) | fused % copy "
+    out = ["| op | size (B×n×D) | dtype | fused ms | eager ms | compiled ms | fused GB/s (floor) | fused % copy "
            "| fused vs eager | fused vs compiled |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     seen = set()
