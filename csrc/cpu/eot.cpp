@@ -19,6 +19,8 @@
 namespace fastdiv::cpu {
 namespace {
 
+constexpr int64_t kVec = 64;  // columns of the mean gradient kept in registers across the n rows
+
 template <typename A>
 inline A sign_nan(A v) {
   return v > 0 ? A(1) : (v < 0 ? A(-1) : v * A(0));  // 0 * NaN keeps NaN, 0 stays 0
@@ -71,18 +73,47 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
     std::vector<A> buf(d);
     A* v = buf.data();
     for (int64_t b = begin; b < end; ++b) {
-      // mean gradient, rows summed in order (the reference's order: the sign of a near-zero sum
-      // must not depend on the backend)
-      const T* r0 = rows.row(b, 0);
+      const A a = ap[b], e = ep[b];
+      const T* xb = xp + b * sx;
+      const T* x0b = x0p + b * sx0;
+      T* ob = op + b * d;
+      // l_inf without momentum needs nothing but the mean: write the output from registers
+      const bool direct = !l2 && !mp;
+      auto linf_out = [=](int64_t k, A mean) {  // by value: a by-reference closure blocks vectorization
+        const A x0v = load_as<A>(x0b[k]);
+        const A stepped = load_as<A>(xb[k]) + a * sign_nan(mean);
+        A y = x0v + clamp_nan(stepped - x0v, -e, e);
+        if (clip) y = clamp_nan(y, lo_a, hi_a);
+        ob[k] = store_as<T>(y);
+      };
+      // Mean gradient, kVec columns at a time summed over the n rows in registers (the buffer is not
+      // re-streamed once per row). Rows are added in order, as the reference does: the sign of a
+      // near-zero sum must not depend on the backend.
+      int64_t k0 = 0;
+      for (; k0 + kVec <= d; k0 += kVec) {
+        A acc[kVec];
+        const T* r0 = rows.row(b, 0) + k0;
 #pragma omp simd
-      for (int64_t k = 0; k < d; ++k) v[k] = load_as<A>(r0[k]);
-      for (int64_t i = 1; i < n; ++i) {
-        const T* ri = rows.row(b, i);
+        for (int64_t j = 0; j < kVec; ++j) acc[j] = load_as<A>(r0[j]);
+        for (int64_t i = 1; i < n; ++i) {
+          const T* ri = rows.row(b, i) + k0;
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) v[k] += load_as<A>(ri[k]);
+          for (int64_t j = 0; j < kVec; ++j) acc[j] += load_as<A>(ri[j]);
+        }
+        if (direct) {
+#pragma omp simd
+          for (int64_t j = 0; j < kVec; ++j) linf_out(k0 + j, acc[j] / n_a);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < kVec; ++j) v[k0 + j] = acc[j] / n_a;
+        }
       }
-#pragma omp simd
-      for (int64_t k = 0; k < d; ++k) v[k] /= n_a;
+      for (; k0 < d; ++k0) {  // the last d % kVec columns
+        A s = load_as<A>(rows.row(b, 0)[k0]);
+        for (int64_t i = 1; i < n; ++i) s += load_as<A>(rows.row(b, i)[k0]);
+        if (direct) linf_out(k0, s / n_a); else v[k0] = s / n_a;
+      }
+      if (direct) continue;
       if (mp) {  // MI-FGSM: m <- decay m + g / ||g||_1
         const A inv_l1 = inv_or_zero<A>(sum_abs(v, d));
         const A* mb = mp + b * sm;
@@ -93,19 +124,9 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
           mob[k] = v[k];
         }
       }
-      const A a = ap[b], e = ep[b];
-      const T* xb = xp + b * sx;
-      const T* x0b = x0p + b * sx0;
-      T* ob = op + b * d;
       if (!l2) {
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) {
-          const A x0v = load_as<A>(x0b[k]);
-          const A stepped = load_as<A>(xb[k]) + a * sign_nan(v[k]);
-          A y = x0v + clamp_nan(stepped - x0v, -e, e);
-          if (clip) y = clamp_nan(y, lo_a, hi_a);
-          ob[k] = store_as<T>(y);
-        }
+        for (int64_t k = 0; k < d; ++k) linf_out(k, v[k]);
         continue;
       }
       const A inv = inv_or_zero<A>(std::sqrt(sum_sq(v, d)));
