@@ -10,13 +10,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_float_tensor(t, name: str, fn: str) -> torch.Tensor:
+    """``t`` itself, after checking it is a tensor of a floating dtype the kernels support."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+    return t
+
+
 def as_rows(grads: torch.Tensor, sample_dim: int, fn: str, min_samples: int = 2) -> torch.Tensor:
     """``grads`` as a [B, n, D] view (features flattened, unit stride on D; copies only if needed)."""
-    if not isinstance(grads, torch.Tensor):
-        raise TypeError(f"{fn}: grads must be a torch.Tensor, got {type(grads).__name__}")
-    if grads.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: grads must have a floating dtype (float16, bfloat16, float32 or float64), "
-                        f"got {grads.dtype}")
+    check_float_tensor(grads, "grads", fn)
     if sample_dim not in (0, 1):
         raise ValueError(f"{fn}: sample_dim must be 0 ([n, B, *features]) or 1 ([B, n, *features]), "
                          f"got {sample_dim!r}")

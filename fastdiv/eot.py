@@ -8,26 +8,12 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, as_rows
+from ._checks import as_rows, check_float_tensor
+from .ops import eot as eot_ops
 from .ops.schemas import NAMESPACES
 from .reference import EOT_NORMS
 
 __all__ = ["eot_step"]
-
-
-def _ops():
-    from . import ops  # imported lazily: only the compiled backends need it
-
-    return ops
-
-
-def _check_tensor(t, name: str, fn: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or float64), "
-                        f"got {t.dtype}")
-    return t
 
 
 def _check_number(value, name: str, fn: str, *, minimum: float = 0.0) -> float:
@@ -97,8 +83,10 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
         momentum, the whole example otherwise). An empty batch returns empty results.
     """
     fn = "eot_step"
-    _check_tensor(x, "x", fn)
-    _check_tensor(x0, "x0", fn)
+    check_float_tensor(x, "x", fn)
+    check_float_tensor(x0, "x0", fn)
+    if momentum is not None:
+        check_float_tensor(momentum, "momentum", fn)
     rows = as_rows(grads, sample_dim, fn, min_samples=1)
     if x.dim() < 2:
         raise ValueError(f"{fn}: x must be [B, *features] with at least one feature dim, got shape "
@@ -111,8 +99,8 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
                   else f"[{batch}, n, {', '.join(map(str, x.shape[1:]))}]")
         raise ValueError(f"{fn}: grads must be {layout} for x of shape {tuple(x.shape)} and "
                          f"sample_dim={sample_dim}, got {tuple(grads.shape)}")
-    for name, t in (("x0", x0), ("grads", grads)):
-        if t.device != x.device:
+    for name, t in (("x0", x0), ("grads", grads), ("momentum", momentum)):
+        if t is not None and t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
     if not isinstance(norm, str) or norm not in EOT_NORMS:
         raise ValueError(f"{fn}: norm must be one of {EOT_NORMS}, got {norm!r}")
@@ -124,11 +112,8 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
             raise ValueError(f"{fn}: clip must be (lo, hi) with lo <= hi, got {tuple(clip)!r}")
     decay = _check_number(decay, "decay", fn)
     if momentum is not None:
-        _check_tensor(momentum, "momentum", fn)
         if momentum.shape != x.shape:
             raise ValueError(f"{fn}: momentum must have x's shape {tuple(x.shape)}, got {tuple(momentum.shape)}")
-        if momentum.device != x.device:
-            raise ValueError(f"{fn}: momentum is on {momentum.device} but x is on {x.device}")
     dtype = torch.promote_types(torch.promote_types(x.dtype, x0.dtype), grads.dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     alpha_t = _per_example(alpha, "alpha", batch, x, acc, fn)
@@ -144,7 +129,7 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
     rows = rows.detach().to(dtype)
     m = _rows_view(momentum, batch).to(acc) if momentum is not None else None
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
-    out, m_new = _ops().eot.eot_step(xv, x0v, rows, alpha_t, eps_t, norm=norm, lo=lo, hi=hi, clip=clip is not None,
+    out, m_new = eot_ops.eot_step(xv, x0v, rows, alpha_t, eps_t, norm=norm, lo=lo, hi=hi, clip=clip is not None,
                                      momentum=m, decay=decay, ns=NAMESPACES[be])
     out = out.to(x.dtype).reshape(x.shape)
     if momentum is None:

@@ -26,6 +26,8 @@ import torch
 from . import reference
 from ._backend import resolve_backend
 from ._checks import as_rows, check_open_unit, check_positive, check_reduction, reduce
+from .ops import gram as gram_ops
+from .ops import rows as rows_ops
 from .ops.schemas import NAMESPACES
 from .reference import EPS, JITTER, RHO_MAX, VARIANCE_KINDS, ConcentrationStats
 
@@ -34,12 +36,6 @@ __all__ = [
     "smoothmax_cosine_loss", "gal_loss", "mean_penalty", "variance_penalty", "sparsity_penalty",
     "diversity_loss", "concentration_stats", "ConcentrationStats", "DIVERSITY_LOSSES",
 ]
-
-
-def _ops():
-    from . import ops  # imported lazily: only the compiled backends need it
-
-    return ops
 
 
 def _gram_head(fn: str, head: str, grads: torch.Tensor, reference_fn: Callable, *, reduction: str,
@@ -53,7 +49,7 @@ def _gram_head(fn: str, head: str, grads: torch.Tensor, reference_fn: Callable, 
         per_input = reference_fn(x, eps=eps, **params)
     else:
         kernel_params = {k: (0.0 if v is None else v) for k, v in params.items()}
-        per_input = _ops().gram.gram_loss(x, head, eps=eps, ns=NAMESPACES[be], **kernel_params)
+        per_input = gram_ops.gram_loss(x, head, eps=eps, ns=NAMESPACES[be], **kernel_params)
     return reduce(per_input, reduction)
 
 
@@ -67,7 +63,7 @@ def normalize(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, bac
     if be == "torch":
         u = reference.unit_rows(x, eps).to(grads.dtype)
     else:
-        u = _ops().rows.normalize(x, eps, ns=NAMESPACES[be])
+        u = rows_ops.normalize(x, eps, ns=NAMESPACES[be])
     # back to the caller's layout: [B, n, *features], or [n, B, *features] for sample_dim=0
     u = u.reshape(x.shape[:2] + grads.shape[2:])
     return u.transpose(0, 1) if sample_dim == 0 else u
@@ -81,7 +77,7 @@ def cosine_gram(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, b
     be = resolve_backend(backend, x, fn)
     if be == "torch":
         return reference.cosine_gram(x, eps).to(reference._head_dtype(x))
-    s, _ = _ops().gram.gram(x, ns=NAMESPACES[be])
+    s, _ = gram_ops.gram(x, ns=NAMESPACES[be])
     sq = torch.diagonal(s, dim1=1, dim2=2)
     # 1/||g|| above the norm floor, 0 at or below it (NaN selects the rsqrt branch and propagates);
     # the clamp keeps the unselected branch's gradient finite
@@ -190,7 +186,7 @@ def variance_penalty(grads: torch.Tensor, *, kind: str = "target", temperature: 
     if be == "torch":
         var = reference.column_variance(x, eps)
     else:
-        _, _, var = _ops().rows.column_stats(x, eps, ns=NAMESPACES[be])
+        _, _, var = rows_ops.column_stats(x, eps, ns=NAMESPACES[be])
     return reduce(reference.variance_head(var, kind, temperature), reduction)
 
 
@@ -237,7 +233,7 @@ def concentration_stats(grads: torch.Tensor, *, q: float = 1.0, jitter: float = 
     if be == "torch":
         with torch.no_grad():
             return reference.concentration_stats(x, float(q), jitter, rho_max, eps)
-    out = _ops().gram.concentration_stats(x, q=float(q), eps=eps, jitter=jitter, rho_max=rho_max,
+    out = gram_ops.concentration_stats(x, q=float(q), eps=eps, jitter=jitter, rho_max=rho_max,
                                           ns=NAMESPACES[be])
     return ConcentrationStats(*out.unbind(dim=1))
 
