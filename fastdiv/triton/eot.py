@@ -14,18 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heads import acc_dtype
-
-_MAX_BLOCK_D = 1024
-
-
-def _block_d(d: int) -> int:
-    return min(triton.next_power_of_2(max(d, 1)), _MAX_BLOCK_D)
-
-
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
+from ._common import acc_dtype, acc_tl, block_d
 
 @triton.jit
 def _sign(v):
@@ -143,5 +132,5 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, alpha: torc
     _eot_kernel[(B,)](x, x0, grads, alpha.contiguous(), eps.contiguous(), momentum if has_m else params, out, buf,
                       params, n, d, x.stride(0), x0.stride(0), grads.stride(0), grads.stride(1),
                       momentum.stride(0) if has_m else 0,
-                      L2=l2, HAS_M=has_m, CLIP=clip, ACC=_acc_tl(grads.dtype), BLOCK_D=_block_d(d))
+                      L2=l2, HAS_M=has_m, CLIP=clip, ACC=acc_tl(grads.dtype), BLOCK_D=block_d(d))
     return out, m_out

@@ -12,17 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .heads import acc_dtype, gram_statistics, head_forward, inverse_norms, parse_head
-
-#: Register budget of one program, in elements of the [BLOCK_N, BLOCK_D] tile.
-_TILE_ELEMS = 4096
-
-
-def _blocks(n: int, d: int) -> tuple[int, int]:
-    block_n = triton.next_power_of_2(max(n, 1))
-    block_d = min(triton.next_power_of_2(max(d, 1)), max(16, _TILE_ELEMS // block_n))
-    return block_n, block_d
-
+from ._common import acc_dtype, tile_blocks
+from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
 @triton.jit
 def _gram_kernel(x_ptr, s_ptr, l1_ptr, n, d, stride_b, stride_n,
@@ -123,7 +114,7 @@ def gram(x: torch.Tensor, with_l1: bool):
         s.zero_()
         l1.zero_()
         return s, l1
-    block_n, block_d = _blocks(n, d)
+    block_n, block_d = tile_blocks(n, d)
     _gram_kernel[(B,)](x, s, l1 if with_l1 else s, n, d, x.stride(0), x.stride(1),
                        WITH_L1=bool(with_l1), BLOCK_N=block_n, BLOCK_D=block_d)
     return s, l1
@@ -140,7 +131,7 @@ def _resultant(x: torch.Tensor, inv_r: torch.Tensor, store_m: bool):
     if d == 0:
         sq.zero_()
         return sq, m
-    block_n, block_d = _blocks(n, d)
+    block_n, block_d = tile_blocks(n, d)
     _resultant_kernel[(B,)](x, inv_r.to(torch.float64).contiguous(), sq, m if store_m else sq, n, d,
                             x.stride(0), x.stride(1), STORE_M=bool(store_m),
                             BLOCK_N=block_n, BLOCK_D=block_d)
@@ -156,7 +147,7 @@ def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None) -
     a = a.contiguous()
     has_beta = beta is not None and beta.numel() > 0
     beta_arg = beta.contiguous() if has_beta else a
-    block_n, block_d = _blocks(n, d)
+    block_n, block_d = tile_blocks(n, d)
     block_d = min(block_d, 256)
     grid = (B, triton.cdiv(d, block_d))
     _pullback_kernel[grid](x, a, beta_arg, dx, n, d, x.stride(0), x.stride(1),

@@ -15,11 +15,6 @@ HEADS = ("dpp", "mean", "kappa", "max", "smoothmax", "gal", "mean_penalty", "spa
 RHO_FLOOR = 1e-10
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 for fp64 inputs, fp32 for fp32/bf16/fp16."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def parse_head(name: str) -> str:
     if name not in HEADS:
         raise ValueError(f"fastdiv: head must be one of {', '.join(HEADS)}; got '{name}'")

@@ -11,14 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .heads import acc_dtype
-
-_MAX_BLOCK_D = 1024
-
-
-def _block_d(d: int) -> int:
-    return min(triton.next_power_of_2(max(d, 1)), _MAX_BLOCK_D)
-
+from ._common import acc_dtype, acc_tl, block_d, tile_blocks
 
 def _eps_tensor(eps: float, device) -> torch.Tensor:
     return torch.tensor([eps], dtype=torch.float64, device=device)
@@ -176,10 +169,6 @@ def _column_stats_pullback_kernel(x_ptr, r_ptr, mean_ptr, gr_ptr, gm_ptr, gv_ptr
         tl.store(dst + d0 + cols, out.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """u = x / ||x|| per row (0 at or below the norm floor); x.dtype, contiguous."""
     B, n, d = x.shape
@@ -187,7 +176,7 @@ def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     if u.numel() == 0:
         return u
     _normalize_kernel[(B * n,)](x, u, _eps_tensor(eps, x.device), n, d, x.stride(0), x.stride(1),
-                                ACC=_acc_tl(x.dtype), BLOCK_D=_block_d(d))
+                                ACC=acc_tl(x.dtype), BLOCK_D=block_d(d))
     return u
 
 
@@ -199,8 +188,8 @@ def normalize_pullback(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch
     if d > 1 and grad.stride(2) != 1:
         grad = grad.contiguous()
     _normalize_pullback_kernel[(B * n,)](x, grad, dx, _eps_tensor(eps, x.device), n, d, x.stride(0), x.stride(1),
-                                         grad.stride(0), grad.stride(1), ACC=_acc_tl(x.dtype),
-                                         BLOCK_D=_block_d(d))
+                                         grad.stride(0), grad.stride(1), ACC=acc_tl(x.dtype),
+                                         BLOCK_D=block_d(d))
     return dx
 
 
@@ -217,13 +206,12 @@ def column_stats(x: torch.Tensor, eps: float):
         return r, mean, var
     inv_r = torch.empty((B, n), dtype=acc, device=x.device)
     _row_norm_kernel[(B * n,)](x, r, inv_r, _eps_tensor(eps, x.device), n, d, x.stride(0), x.stride(1),
-                               BLOCK_D=_block_d(d))
+                               BLOCK_D=block_d(d))
     if d == 0:
         return r, mean, var
-    block_n = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(d), max(16, 4096 // block_n))
-    _column_stats_kernel[(B, triton.cdiv(d, block_d))](x, inv_r, mean, var, n, d, x.stride(0), x.stride(1),
-                                                       BLOCK_N=block_n, BLOCK_D=block_d)
+    block_n, tile_d = tile_blocks(n, d)
+    _column_stats_kernel[(B, triton.cdiv(d, tile_d))](x, inv_r, mean, var, n, d, x.stride(0), x.stride(1),
+                                                      BLOCK_N=block_n, BLOCK_D=tile_d)
     return r, mean, var
 
 
@@ -241,5 +229,5 @@ def column_stats_pullback(x: torch.Tensor, r: torch.Tensor, mean: torch.Tensor, 
     _column_stats_pullback_kernel[(B * n,)](
         x, r, mean, gr if gr is not None else r, gm if gm is not None else mean, gv if gv is not None else mean,
         dx, _eps_tensor(eps, x.device), n, d, x.stride(0), x.stride(1),
-        HAS_GR=gr is not None, HAS_GM=gm is not None, HAS_GV=gv is not None, BLOCK_D=_block_d(d))
+        HAS_GR=gr is not None, HAS_GM=gm is not None, HAS_GV=gv is not None, BLOCK_D=block_d(d))
     return dx
