@@ -11,6 +11,8 @@ See README.md for the math of each loss and the backends.
 """
 from ._backend import BACKENDS, cuda_built, default_backend, extension_built, triton_available
 from .eot import eot_step
+from .grads import sample_input_grads
+from . import nn
 from .info import info
 from .losses import (
     DIVERSITY_LOSSES,
@@ -35,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "ConcentrationStats", "DIVERSITY_LOSSES", "concentration_stats", "cosine_gram",
-    "cuda_built", "default_backend", "diversity_loss", "dpp_loss", "eot_step", "extension_built", "gal_loss", "info",
+    "cuda_built", "default_backend", "diversity_loss", "dpp_loss", "eot_step", "extension_built", "nn", "sample_input_grads", "gal_loss", "info",
     "kappa_loss", "max_cosine_loss", "mean_cosine_loss", "mean_penalty", "normalize",
     "smoothmax_cosine_loss", "sparsity_penalty", "triton_available", "variance_penalty",
 ]

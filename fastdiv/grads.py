@@ -1,0 +1,182 @@
+"""The input gradients of n sample models in one pass: :func:`sample_input_grads`.
+
+Every defense in fastdiv penalizes, and every EOT attack averages, the gradients
+``g_s = ∇_x L(f_s(x), y)`` of n sample models ``f_s`` of a randomized or ensemble network. The
+'batched' strategy evaluates all n on one replicated batch (one forward, one backward; see
+:mod:`fastdiv.nn.sampling`); the 'loop' strategy runs them one by one and is the reference the
+batched path is tested against: both give the same gradients for the same seed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .nn.sampling import is_randomized, sampling, supports_batched
+from .nn.sampling import _UNSEEDED_RANDOM
+
+__all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "sample_input_grads"]
+
+STRATEGIES = ("auto", "batched", "loop")
+LOSSES = ("ce", "logit", "cw")
+
+
+def _cw_margin(logits: torch.Tensor, y: torch.Tensor, confidence: float = 0.0) -> torch.Tensor:
+    """Carlini–Wagner hinge to maximize: ``min(max_{j≠y} z_j − z_y, confidence)``."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - true).clamp(max=confidence)
+
+
+def per_example_loss(loss, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The per-example loss ``[N]`` whose input gradient the attacks ascend.
+
+    'ce': cross-entropy; 'logit': the true-class logit z_y (the output whose gradient Defense
+    through Diverse Directions diversifies); 'cw': the Carlini–Wagner hinge
+    min(max_{j≠y} z_j − z_y, 0); or a callable ``loss(logits [N, C], y [N]) -> [N]``.
+    """
+    if callable(loss):
+        out = loss(logits, y)
+        if not isinstance(out, torch.Tensor) or out.shape != y.shape:
+            raise ValueError(f"sample_input_grads: a callable loss must return a per-example tensor of shape "
+                             f"{tuple(y.shape)}, got {getattr(out, 'shape', type(out).__name__)}")
+        return out
+    if loss == "ce":
+        return nn.functional.cross_entropy(logits, y, reduction="none")
+    if loss == "logit":
+        return logits.gather(1, y[:, None]).squeeze(1)
+    if loss == "cw":
+        return _cw_margin(logits, y)
+    raise ValueError(f"sample_input_grads: loss must be one of {LOSSES} or a callable, got {loss!r}")
+
+
+def resolve_seed(generator: torch.Generator | int | None) -> int:
+    """A 62-bit seed: ``generator`` itself if it is an int, else drawn from it (or from the global RNG)."""
+    if isinstance(generator, bool):
+        raise TypeError("generator must be a torch.Generator, an int seed or None, got bool")
+    if isinstance(generator, int):
+        return generator
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def _check_inputs(model, x, y, num_samples, create_graph, strategy) -> None:
+    fn = "sample_input_grads"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor [B, ...], got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{fn}: x must be a batch [B, *input_shape], got shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{fn}: y must be an integer tensor of labels [B], got "
+                        f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"{fn}: y must have shape [{x.shape[0]}] (one label per example of x), got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{fn}: y is on {y.device} but x is on {x.device}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{fn}: num_samples must be an int >= 1, got {num_samples!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{fn}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"{fn}: create_graph must be a bool, got {type(create_graph).__name__}")
+
+
+def _logits(model, x: torch.Tensor, batch: int) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"sample_input_grads: the model must return logits [N, C] for an input batch of "
+                         f"{x.shape[0]}, got {getattr(out, 'shape', type(out).__name__)}")
+    return out
+
+
+def _check_labels(y: torch.Tensor, classes: int) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"sample_input_grads: labels y must be in [0, {classes}) for a model with {classes} "
+                         f"classes, got range [{int(y.min())}, {int(y.max())}]")
+
+
+def _grads_of(model, x, y, loss, create_graph):
+    """(input gradient, logits) of one forward on ``x`` (a replicated or plain batch)."""
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = _logits(model, leaf, x.shape[0])
+        _check_labels(y, logits.shape[1])
+        total = per_example_loss(loss, logits, y.repeat(x.shape[0] // y.shape[0])).sum()
+        (grad,) = torch.autograd.grad(total, leaf, create_graph=create_graph)
+    return grad, logits
+
+
+def _has_unseeded_randomness(model: nn.Module) -> bool:
+    return any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0 for m in model.modules())
+
+
+def sample_input_grads(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_samples: int,
+    *,
+    loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "ce",
+    create_graph: bool = False,
+    strategy: str = "auto",
+    generator: torch.Generator | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input gradients of ``num_samples`` sample models of ``model`` at ``(x, y)``.
+
+    Returns ``(grads [n, B, *x.shape[1:]], logits [n, B, C])``. ``grads[s, b]`` is the gradient of
+    sample model s's per-example loss at example b (see :func:`per_example_loss` for ``loss``);
+    the layout is what every fastdiv loss accepts with ``sample_dim=0`` and what
+    :func:`fastdiv.eot_step` takes.
+
+    strategy:
+        'batched' — one forward and one backward over the batch replicated n times, each randomized
+        layer using per-sample draws (:mod:`fastdiv.nn.sampling`); fastdiv's layers and
+        :class:`fastdiv.nn.Ensemble` support it. 'loop' — n forwards/backwards; works for any
+        module (torch dropout, custom randomness). 'auto' — 'batched' when
+        :func:`fastdiv.nn.supports_batched` says the model supports it, else 'loop'. With the same
+        ``generator`` seed, 'batched' and 'loop' return the same gradients (up to float rounding).
+        A model without any randomness is evaluated once and its gradient expanded to n samples.
+    create_graph: keep the graph so that a penalty on the gradients can be back-propagated to the
+        model's parameters (double backward, for training); ``logits`` then carry the graph too.
+    generator: a ``torch.Generator`` or an int seed for the sample draws (default: the global RNG).
+
+    BatchNorm layers in train mode see each sample's rows separately in the batched pass and update
+    their running statistics as n sequential forwards would.
+    """
+    _check_inputs(model, x, y, num_samples, create_graph, strategy)
+    y = y.long()
+    n, batch = num_samples, x.shape[0]
+    if strategy == "auto":
+        strategy = "batched" if supports_batched(model) else "loop"
+    elif strategy == "batched" and not supports_batched(model):
+        raise ValueError("sample_input_grads: strategy='batched' needs a model whose randomness comes from "
+                         "fastdiv.nn layers (torch dropout in train mode or a layer without sample batching "
+                         "found); use strategy='loop'")
+    seed = resolve_seed(generator)
+    if batch == 0:
+        with torch.no_grad(), sampling(model, 1, seed, index=0):
+            classes = _logits(model, x, 0).shape[1]
+        return x.new_zeros((n, *x.shape)), x.new_zeros((n, 0, classes))
+
+    if not is_randomized(model) and not _has_unseeded_randomness(model):
+        grad, logits = _grads_of(model, x, y, loss, create_graph)
+        grads, logits = grad.unsqueeze(0).expand(n, *grad.shape), logits.unsqueeze(0).expand(n, *logits.shape)
+    elif strategy == "batched":
+        with sampling(model, n, seed):
+            grad, logits = _grads_of(model, x.repeat(n, *([1] * (x.dim() - 1))), y, loss, create_graph)
+        grads, logits = grad.view(n, *x.shape), logits.view(n, batch, -1)
+    else:
+        pairs = []
+        for s in range(n):
+            with sampling(model, n, seed, index=s):
+                pairs.append(_grads_of(model, x, y, loss, create_graph))
+        grads = torch.stack([g for g, _ in pairs])
+        logits = torch.stack([z for _, z in pairs])
+    return grads, (logits if create_graph else logits.detach())
+
