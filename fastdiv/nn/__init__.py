@@ -11,8 +11,18 @@ from .sampling import (
     sampling,
     supports_batched,
 )
+from .bayes import BayesBatchNorm2d, BayesConv2d, BayesLinear, BayesianLayer, kl_divergence
+from .noise import NoiseInjection
+from .models import MODELS, Classifier, SharedPrefix, build_model
+from .ensemble import Ensemble, predict
+from .population import Population, counter_link_masks, prse
+from .dropout import PriorityDropout, PriorityDropoutEnsemble
 
 __all__ = [
     "RandomizedModule", "SampleState", "frozen_sample", "is_randomized", "sample_models", "sampling",
     "supports_batched",
 ]
+__all__ += ["BayesBatchNorm2d", "BayesConv2d", "BayesLinear", "BayesianLayer", "kl_divergence"]
+__all__ += ["NoiseInjection"]
+__all__ += ["MODELS", "Classifier", "SharedPrefix", "build_model"]
+__all__ += ["Ensemble", "Population", "PriorityDropout", "PriorityDropoutEnsemble", "counter_link_masks", "predict", "prse"]

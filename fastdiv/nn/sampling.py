@@ -10,8 +10,8 @@ of a model:
 * :func:`sampling` (used by :func:`fastdiv.sample_input_grads` and the attacks) — ``num_samples``
   draws from ``seed``; ``index=None`` evaluates all of them on a replicated batch (the 'batched'
   strategy), ``index=i`` evaluates only draw ``i`` on a plain batch (the 'loop' strategy). Each
-  layer draws its noise from its own generator seeded by ``(seed, layer ordinal, tag)`` and always
-  draws all ``num_samples`` at once, so both strategies see identical samples.
+  layer draws the noise of sample ``s`` from its own generator seeded by ``(seed, layer ordinal,
+  tag, s)``, so both strategies see identical samples and a loop forward draws only its own.
 * :func:`frozen_sample` pins one sample model: every forward in the block, at any batch size and
   under any nested :func:`sampling`, uses the same draw ("[Attack]" against a fixed sample, and
   transferability between sample models).
@@ -104,8 +104,9 @@ class RandomizedModule(nn.Module):
         """Noise of shape ``[active_samples(), *shape]`` with ``like``'s device and dtype.
 
         ``kind`` is 'normal' (N(0, 1)) or 'uniform' (U[0, 1)). ``tag`` tells apart several draws of
-        one layer in one forward. Inside :func:`sampling` the draw is a function of (seed, layer
-        ordinal, tag) only, so the batched and looped strategies and repeated forwards agree.
+        one layer in one forward. Inside :func:`sampling` the draw of sample ``s`` is a function of
+        (seed, layer ordinal, tag, s) only, so the batched and looped strategies and repeated
+        forwards agree, and a loop forward draws only its own sample.
         """
         shape = tuple(int(s) for s in shape)
         state = self._fastdiv_state
@@ -114,17 +115,26 @@ class RandomizedModule(nn.Module):
             raise ValueError(f"{type(self).__name__}.draw: kind must be 'normal' or 'uniform', got {kind!r}")
         if state is None:
             return sampler((1, *shape), device=like.device, dtype=like.dtype)
-        gen = torch.Generator(device=like.device)
-        gen.manual_seed(_mix(state.seed, self._fastdiv_ordinal, tag))
-        count = 1 if state.frozen else state.num_samples
+        # one generator per sample model, seeded by (seed, layer ordinal, tag, sample): a loop
+        # forward (index=i) draws only its own sample, the same values as row i of the batched draw
+        if state.frozen:
+            samples = (0,)
+        else:
+            samples = range(state.num_samples) if state.index is None else (state.index,)
         # fp32 draws for half-precision models: the same samples whatever the model dtype
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-        noise = sampler((count, *shape), generator=gen, device=like.device, dtype=dtype).to(like.dtype)
+        noise = torch.empty((len(samples), *shape), device=like.device, dtype=dtype)
+        for row, s in zip(noise, samples):
+            gen = torch.Generator(device=like.device)
+            gen.manual_seed(_mix(state.seed, self._fastdiv_ordinal, tag, s))
+            if kind == "normal":
+                row.normal_(generator=gen)
+            else:
+                row.uniform_(generator=gen)
+        noise = noise.to(like.dtype)
         if state.frozen:
             return noise.expand(state.active, *shape)
-        if state.index is None:
-            return noise
-        return noise[state.index:state.index + 1]
+        return noise
 
 
 def is_randomized(model: nn.Module) -> bool:
