@@ -1,0 +1,115 @@
+"""Square Attack, ℓ∞ (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box
+adversarial attack via random search"), with the loss averaged over EOT sample models.
+
+A score-based random search: start from vertical stripes of ±ε, then at every query change one
+random square window (side s, one random sign ±ε per channel) of the current best perturbation and
+keep the change when the loss decreases. The window's area is a fraction p of the image that
+shrinks on the paper's schedule (p_init halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
+of 10,000 queries, rescaled to ``n_queries``). No gradients.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Attack, _check_choice, _check_int, _check_number, _other_max, ensemble_margin
+
+__all__ = ["Square", "p_selection"]
+
+LOSSES = ("margin", "ce")
+_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # of 10,000 queries; p halves after each
+
+
+def p_selection(p_init: float, it: int, n_queries: int) -> float:
+    """Fraction of the image the square covers at iteration ``it`` of ``n_queries`` (the paper's
+    piecewise-constant schedule for 10,000 queries, rescaled)."""
+    it = int(it / n_queries * 10000)
+    halvings = sum(it > t for t in _SCHEDULE)
+    return p_init / 2 ** halvings
+
+
+class Square(Attack):
+    """Score-based ℓ∞ Square Attack with EOT.
+
+    Args:
+        eps: ℓ∞ radius (default 8/255).
+        n_queries: queries per example and restart, the initialization included (default 5000). One
+            query evaluates ``num_samples`` sample models (``eot_samples`` for eot='mean').
+        p_init: initial fraction of pixels changed per query (default 0.8, AutoAttack's; the paper
+            uses 0.05 on ImageNet and 0.3/0.05 on MNIST/CIFAR).
+        loss: 'margin' (default, ``z_y − max_{j≠y} z_j`` on the logits, minimized) or 'ce' (minimize
+            −CE); either way averaged over the query's sample models.
+        restarts: independent runs (>= 1) on the examples not yet misclassified; each example keeps
+            the worst case (highest ensemble margin).
+        eot, eot_samples, seed, strategy, model_mode: see :class:`~fastdiv.attacks.Attack`.
+
+    An example stops being attacked once the ensemble prediction (mean softmax over the query's
+    sample models) is wrong. Images must be ``[B, C, H, W]`` with H, W >= 2.
+    """
+
+    norms = ("linf",)
+    min_input_dims = 4
+
+    def __init__(self, model, eps: float = 8 / 255, n_queries: int = 5000, *, p_init: float = 0.8,
+                 loss: str = "margin", restarts: int = 1, **kw) -> None:
+        super().__init__(model, eps, **kw)
+        self.n_queries = _check_int(n_queries, "n_queries", self.name)
+        self.p_init = _check_number(p_init, "p_init", self.name, strict=True)
+        if self.p_init > 1:
+            raise ValueError(f"{self.name}: p_init must be in (0, 1], got {p_init!r}")
+        self.loss = _check_choice(loss, "loss", self.name, LOSSES)
+        self.restarts = _check_int(restarts, "restarts", self.name)
+
+    def _query(self, x, y, call):
+        """(loss to minimize [B], ensemble margin [B] (> 0: fooled)) of one query."""
+        logits = self._sample_logits(x, self._step_seed(call))
+        self._check_labels(y, logits.shape[-1])
+        n, b, c = logits.shape
+        flat, ys = logits.reshape(n * b, c).to(torch.promote_types(logits.dtype, torch.float32)), y.repeat(n)
+        if self.loss == "margin":
+            per = flat.gather(1, ys[:, None]).squeeze(1) - _other_max(flat, ys)
+        else:
+            per = -torch.nn.functional.cross_entropy(flat, ys, reduction="none")
+        return per.view(n, b).mean(0), ensemble_margin(logits, y)
+
+    def _once(self, x0, y, call):
+        b, c, h, w = x0.shape
+        if h < 2 or w < 2:
+            raise ValueError(f"{self.name}: images must be at least 2x2 pixels, got shape {tuple(x0.shape)}")
+        eps, rng = self.eps, call.rng
+        stripes = torch.where(rng.uniform((b, c, 1, w), x0) < 0.5, -eps, eps).to(x0.dtype)
+        x_best = (x0 + stripes).clamp(0, 1)
+        loss, margin = self._query(x_best, y, call)
+        rows = torch.arange(h, device=x0.device).view(1, 1, h, 1)
+        cols = torch.arange(w, device=x0.device).view(1, 1, 1, w)
+        for it in range(self.n_queries - 1):
+            idx = (margin <= 0).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            xa, xb = x0[idx], x_best[idx]
+            p = p_selection(self.p_init, it, self.n_queries)
+            s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+            top = rng.randint(h - s, (idx.numel(),), x0.device).view(-1, 1, 1, 1)
+            left = rng.randint(w - s, (idx.numel(),), x0.device).view(-1, 1, 1, 1)
+            window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
+            # the paper redraws the signs until the window changes; a window that no sign can
+            # change (clipped at the box on both sides) is given up after a few draws
+            x_new = xb
+            todo = torch.arange(idx.numel(), device=x0.device)
+            for _ in range(10):
+                signs = torch.where(rng.uniform((todo.numel(), c, 1, 1), x0) < 0.5, -eps, eps).to(x0.dtype)
+                cand = torch.where(window[todo], (xa[todo] + signs).clamp(0, 1), xb[todo])
+                x_new = x_new.index_copy(0, todo, cand) if todo.numel() < idx.numel() else cand
+                todo = todo[((cand - xb[todo]).abs() < 1e-7).flatten(1).all(1)]
+                if todo.numel() == 0:
+                    break
+            new_loss, new_margin = self._query(x_new, y[idx], call)
+            better = new_loss < loss[idx]
+            loss[idx[better]] = new_loss[better]
+            margin[idx[better]] = new_margin[better]
+            x_best[idx[better]] = x_new[better]
+        return x_best
+
+    def _attack(self, x0, y, call):
+        return self._with_restarts(x0, y, call, self.restarts, self._once)
