@@ -67,3 +67,16 @@ def reduce(per_input: torch.Tensor, reduction: str) -> torch.Tensor:
         return per_input
     total = per_input.sum()
     return total if reduction == "sum" else total / max(per_input.shape[0], 1)
+
+
+def check_model_and_batch(model, x, fn: str) -> None:
+    """``model`` is an nn.Module and ``x`` a floating-point batch ``[B, ...]``."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating-point tensor [B, ...], got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{fn}: x must be a batch [B, *input_shape], got shape {tuple(x.shape)}")

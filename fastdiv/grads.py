@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .nn.sampling import is_randomized, sampling, supports_batched
-from .nn.sampling import _UNSEEDED_RANDOM
+from ._checks import check_model_and_batch
+from .nn.sampling import _UNSEEDED_RANDOM, is_randomized, sampling, supports_batched
 
 __all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "sample_input_grads"]
 
@@ -65,13 +65,7 @@ def resolve_seed(generator: torch.Generator | int | None) -> int:
 
 def _check_inputs(model, x, y, num_samples, create_graph, strategy) -> None:
     fn = "sample_input_grads"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor [B, ...], got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"{fn}: x must be a batch [B, *input_shape], got shape {tuple(x.shape)}")
+    check_model_and_batch(model, x, fn)
     if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"{fn}: y must be an integer tensor of labels [B], got "
                         f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._seeds import mix_seed
 from .presets import DATASET_NAMES, PRESETS, format_presets, get_preset
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
-_MASK64 = (1 << 64) - 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,18 +397,6 @@ class TrainingInterrupted(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
-def _mix(*values: int) -> int:
-    """A 62-bit seed from integers (splitmix64 finalizer): nearby positions give unrelated streams."""
-    h = 0x243F6A8885A308D3
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 62) - 1)
-
-
 # tags of the per-step random streams
 _T_AUG, _T_NOISE, _T_ENSADV, _T_ADV, _T_SAMPLES, _T_PRSE, _T_DROPOUT, _T_EPOCH = range(1, 9)
 
@@ -728,7 +716,7 @@ class _Run:
         self.randomized = _is_randomized(self.eval_module)
         if cfg.prse_every:
             from .nn.population import counter_link_masks
-            counter_link_masks(self.model, fraction=cfg.link_fraction, generator=_mix(cfg.seed, 0x4C494E4B))
+            counter_link_masks(self.model, fraction=cfg.link_fraction, generator=mix_seed(cfg.seed, 0x4C494E4B))
 
         # static source model and offline examples (ens-adv, d3-*-off): rank 0 prepares, others load
         self.source = None
@@ -810,7 +798,7 @@ class _Run:
             return model.eval()
         from .nn.models import build_model
         path = self.run_dir / "source.pt"
-        torch.manual_seed(_mix(cfg.seed, 0x534F5552))
+        torch.manual_seed(mix_seed(cfg.seed, 0x534F5552))
         src = build_model(cfg.model, in_shape=self.in_shape, num_classes=self.num_classes,
                           kind="deterministic").to(self.device)
         if path.exists():
@@ -824,7 +812,7 @@ class _Run:
         opt = torch.optim.Adam(src.parameters(), lr=cfg.lr)
         n = self.n_train_clean
         for e in range(epochs):
-            g = torch.Generator().manual_seed(_mix(cfg.seed, 0x534F5552, e))
+            g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x534F5552, e))
             order = torch.randperm(n, generator=g)
             src.train()
             for i in range(0, n, cfg.batch_size):
@@ -862,7 +850,7 @@ class _Run:
                 x = self.x_train[i:i + 256].to(self.device)
                 y = self.y_train[i:i + 256].to(self.device)
                 atk = PGD(self.source, eps=eps, alpha=alpha, steps=cfg.offline_steps,
-                          seed=_mix(cfg.seed, 0x4F46464C, k))
+                          seed=mix_seed(cfg.seed, 0x4F46464C, k))
                 xs.append(atk(x, y).cpu())
             _atomic_save({"x": torch.cat(xs), "y": self.y_train[: self.n_train_clean].clone()}, path)
         self._barrier()
@@ -932,15 +920,15 @@ class _Run:
         from .data import random_flip, random_shift, truncated_normal_noise
         cfg = self.cfg
         if cfg.augment != "none" and cfg.shift > 0:
-            x = random_shift(x, cfg.shift, generator=_mix(seed, _T_AUG))
+            x = random_shift(x, cfg.shift, generator=mix_seed(seed, _T_AUG))
         if cfg.augment == "shift-flip":
-            x = random_flip(x, generator=_mix(seed, _T_AUG, 1))
+            x = random_flip(x, generator=mix_seed(seed, _T_AUG, 1))
         extra_x, extra_y = [], []
         if cfg.noise_aug:
-            extra_x.append(truncated_normal_noise(x, cfg.noise_eps / 2, generator=_mix(seed, _T_NOISE)))
+            extra_x.append(truncated_normal_noise(x, cfg.noise_eps / 2, generator=mix_seed(seed, _T_NOISE)))
             extra_y.append(y)
         if cfg.offline == "fgsm":
-            extra_x.append(self._static_fgsm(x, y, _mix(seed, _T_ENSADV)))
+            extra_x.append(self._static_fgsm(x, y, mix_seed(seed, _T_ENSADV)))
             extra_y.append(y)
         if extra_x:
             x, y = torch.cat([x, *extra_x]), torch.cat([y, *extra_y])
@@ -971,8 +959,8 @@ class _Run:
                        seed=s, strategy=cfg.strategy)(x, y)
 
         if cfg.wrapper == "population":
-            return torch.cat([attack(m, _mix(seed, _T_ADV, i)) for i, m in enumerate(self.members)])
-        return attack(self.model, _mix(seed, _T_ADV))
+            return torch.cat([attack(m, mix_seed(seed, _T_ADV, i)) for i, m in enumerate(self.members)])
+        return attack(self.model, mix_seed(seed, _T_ADV))
 
     # -- one step ---------------------------------------------------------------------------------
     def _forward_model(self) -> nn.Module:
@@ -1005,7 +993,7 @@ class _Run:
         from .grads import sample_input_grads
         from .losses import concentration_stats, diversity_loss
         cfg = self.cfg
-        seed = _mix(cfg.seed, epoch, step, self.dist.rank)
+        seed = mix_seed(cfg.seed, epoch, step, self.dist.rank)
         x, y = self._prepare_batch(xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True), seed)
         stacked = False
         if cfg.adv:
@@ -1017,7 +1005,7 @@ class _Run:
                              f"got samples={n}")
         model = self._forward_model()
         self.model.train()
-        sample_seed = _mix(seed, _T_SAMPLES)
+        sample_seed = mix_seed(seed, _T_SAMPLES)
         grads = None
         reg = torch.zeros((), device=self.device)
         if self.dropout_logits:
@@ -1075,7 +1063,7 @@ class _Run:
         self.global_step += 1
         if cfg.prse_every and self.global_step % cfg.prse_every == 0:
             from .nn.population import prse
-            rng = random.Random(_mix(cfg.seed, _T_PRSE, self.global_step))
+            rng = random.Random(mix_seed(cfg.seed, _T_PRSE, self.global_step))
             k = len(self.members)
             for i in range(k):
                 j = rng.choice([m for m in range(k) if m != i])
@@ -1098,7 +1086,7 @@ class _Run:
         was_training = self.model.training
         self.model.eval()
         k = self.eval_samples()
-        seed = _mix(cfg.seed, 0x4556414C)
+        seed = mix_seed(cfg.seed, 0x4556414C)
         per = max(1, cfg.eval_rows // k)
         correct_ens, correct_single, total, nll = 0.0, 0.0, 0, 0.0
         for i in range(0, len(self.x_val), per):
@@ -1139,7 +1127,7 @@ class _Run:
             return {"rho": None, "kappa_p": None, "mean_cos": None, "coherence": None, "dpp": None}
         x_all = self.x_val[:cfg.stats_limit]
         y_all = self.y_val[:cfg.stats_limit]
-        seed = _mix(cfg.seed, 0x53544154)
+        seed = mix_seed(cfg.seed, 0x53544154)
         per = max(1, cfg.eval_rows // n)
         sums = {"rho": 0.0, "kappa_p": 0.0, "mean_cos": 0.0, "coherence": 0.0, "dpp": 0.0}
         for i in range(0, len(x_all), per):
@@ -1174,7 +1162,7 @@ class _Run:
         steps = self.steps_per_epoch
         if self.step_in_epoch == 0:
             # every epoch starts from RNG states that depend on (seed, epoch) only
-            _seed_globals(_mix(cfg.seed, _T_EPOCH, epoch, self.dist.rank))
+            _seed_globals(mix_seed(cfg.seed, _T_EPOCH, epoch, self.dist.rank))
             self.partial = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "kl": 0.0, "correct": 0.0, "examples": 0,
                             "kappa_p": 0.0, "kappa_steps": 0, "time_s": 0.0}
         acc = self.partial

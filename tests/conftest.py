@@ -152,4 +152,14 @@ def _isolate(monkeypatch):
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two and immune to OpenMP spinning when the
+    machine is busy (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 requires_extension = pytest.mark.skipif(not fastdiv.extension_built(), reason="fastdiv._C is not built")

@@ -25,14 +25,7 @@ from fastdiv.train import (
 TINY = dict(dataset="synthetic", limit=16, batch_size=16, epochs=1, eval_samples=2, stats_limit=8,
             stats_samples=3, adv_steps=1, offline_steps=1, source_epochs=1)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two and immune to OpenMP spinning when the
-    machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REQUIRED_CONFIG_KEYS = ("preset", "dataset", "data_dir", "resize", "seed", "model", "kind", "eps_train", "samples",

@@ -15,14 +15,7 @@ TINY = dict(dataset="synthetic", limit=16, batch_size=16, epochs=1, eval_samples
             adv_steps=1, offline_steps=1, source_epochs=1, warmup=0, rampup=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two and immune to OpenMP spinning when the
-    machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.sampling import RandomizedModule, _mix, is_randomized, sampling
+from .._seeds import mix_seed
+from ..nn.sampling import RandomizedModule, is_randomized, sampling
 from .base import Attack, _check_int
 
 __all__ = ["SurrogateEnsemble", "TransferAttack"]
@@ -48,7 +49,7 @@ class SurrogateEnsemble(RandomizedModule):
         member = self.members[i]
         if not is_randomized(member):
             return member(x)
-        with sampling(member, 1, _mix(state.seed, sample)):
+        with sampling(member, 1, mix_seed(state.seed, sample)):
             return member(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

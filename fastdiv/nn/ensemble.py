@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .sampling import RandomizedModule, SampleState, _mix, is_randomized, sampling, supports_batched
+from .._checks import check_model_and_batch
+from .._seeds import mix_seed
+from .sampling import RandomizedModule, SampleState, is_randomized, sampling, supports_batched
 
 __all__ = ["Ensemble", "predict"]
 
@@ -92,7 +94,7 @@ def _cumulative_batch_norm(modules: Iterable[nn.Module]) -> bool:
 
 def _frozen_member(state: SampleState, ordinal: int, count: int) -> int:
     """The member that a :func:`frozen_sample` pins: a function of the frozen seed and the layer."""
-    return _mix(state.seed, ordinal, 0x454E53) % count
+    return mix_seed(state.seed, ordinal, 0x454E53) % count
 
 
 class Ensemble(RandomizedModule):
@@ -248,13 +250,7 @@ class Ensemble(RandomizedModule):
 
 def _check_predict_args(model, x, num_samples, chunk) -> None:
     fn = "predict"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating-point tensor [B, ...], got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"{fn}: x must be a batch [B, *input_shape], got shape {tuple(x.shape)}")
+    check_model_and_batch(model, x, fn)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"{fn}: num_samples must be an int >= 1, got {num_samples!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .ensemble import _BatchNorm, _check_members, _frozen_member, _plain_batch_norms, _same_architecture
-from .sampling import RandomizedModule, _mix
+from .._seeds import mix_seed
+from .sampling import RandomizedModule
 
 __all__ = ["DISPATCH", "Population", "counter_link_masks", "prse"]
 
@@ -140,7 +141,7 @@ class Population(RandomizedModule):
                 u = self.draw((n,), like=like, kind="uniform").reshape(n)
             else:
                 gen = torch.Generator(device=x.device)
-                gen.manual_seed(_mix(self.seed, self._calls))
+                gen.manual_seed(mix_seed(self.seed, self._calls))
                 self._calls += 1
                 u = torch.rand((n,), generator=gen, device=x.device)
         else:

@@ -34,26 +34,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .._seeds import mix_seed
+
+_mix = mix_seed  # TODO(integration): remove once fastdiv/analysis.py imports mix_seed
+
 __all__ = [
     "RandomizedModule", "SampleState", "frozen_sample", "is_randomized", "sample_models", "sampling",
     "supports_batched",
 ]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit generator seed from integers (splitmix64 finalizer), so nearby seeds and layer
-    ordinals give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) & _MASK64
-        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
 
 @dataclasses.dataclass(frozen=True)
 class SampleState:
@@ -126,7 +114,7 @@ class RandomizedModule(nn.Module):
         noise = torch.empty((len(samples), *shape), device=like.device, dtype=dtype)
         for row, s in zip(noise, samples):
             gen = torch.Generator(device=like.device)
-            gen.manual_seed(_mix(state.seed, self._fastdiv_ordinal, tag, s))
+            gen.manual_seed(mix_seed(state.seed, self._fastdiv_ordinal, tag, s))
             if kind == "normal":
                 row.normal_(generator=gen)
             else:
@@ -299,5 +287,5 @@ def sample_models(model: nn.Module, k: int, seed: int = 0) -> Iterator[int]:
         raise ValueError(f"sample_models: k must be an int >= 1, got {k!r}")
     _check_seed(seed, "sample_models")
     for i in range(k):
-        with frozen_sample(model, seed=_mix(seed, i)):
+        with frozen_sample(model, seed=mix_seed(seed, i)):
             yield i
