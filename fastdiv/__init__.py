@@ -32,11 +32,12 @@ from .losses import (
     variance_penalty,
 )
 from . import ops as _ops  # noqa: F401  (registers fake kernels and autograd for torch.compile)
+from . import attacks, data  # noqa: E402  (they use the API above)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "ConcentrationStats", "DIVERSITY_LOSSES", "concentration_stats", "cosine_gram",
+    "BACKENDS", "ConcentrationStats", "attacks", "data", "DIVERSITY_LOSSES", "concentration_stats", "cosine_gram",
     "cuda_built", "default_backend", "diversity_loss", "dpp_loss", "eot_step", "extension_built", "nn", "sample_input_grads", "gal_loss", "info",
     "kappa_loss", "max_cosine_loss", "mean_cosine_loss", "mean_penalty", "normalize",
     "smoothmax_cosine_loss", "sparsity_penalty", "triton_available", "variance_penalty",

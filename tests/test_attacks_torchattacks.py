@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-
-from fastdiv.attacks import APGD, APGDDLR, BIM, FGSM, MIFGSM, PGD, PGDL2, Square
 from test_attacks import accuracy, noisy_mlp, test_batch, trained_mlp
 
+from fastdiv.attacks import APGD, APGDDLR, BIM, FGSM, MIFGSM, PGD, PGDL2, Square
+
 torchattacks = pytest.importorskip("torchattacks")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def assert_same_steps(got, want, what):

@@ -12,6 +12,8 @@ import fastdiv
 from fastdiv.grads import per_example_loss, resolve_seed
 from fastdiv.nn import RandomizedModule, frozen_sample, sampling
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
+
 
 class Noise(RandomizedModule):
     """Additive Gaussian noise, one draw per sample model (the sampling protocol's example layer)."""
@@ -216,7 +218,7 @@ def test_frozen_sample_pins_every_sample():
     model = noise_mlp()
     x, y = data()
     with frozen_sample(model, seed=4):
-        grads, logits = fastdiv.sample_input_grads(model, x, y, 3, generator=0)
+        grads, _logits = fastdiv.sample_input_grads(model, x, y, 3, generator=0)
     for s in (1, 2):
         torch.testing.assert_close(grads[s], grads[0], rtol=1e-12, atol=1e-14)
 
@@ -247,25 +249,25 @@ class ThreeD(nn.Module):
 
 
 @pytest.mark.parametrize("case, error, match", [
-    (dict(model="not a model"), TypeError, "model must be an nn.Module"),
-    (dict(x=torch.zeros(6, 1, 3, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
-    (dict(x=torch.zeros(6, dtype=torch.float64)), ValueError, "x must be a batch"),
-    (dict(y=torch.zeros(6)), TypeError, "y must be an integer tensor"),
-    (dict(y=torch.zeros(5, dtype=torch.long)), ValueError, "y must have shape"),
-    (dict(y=torch.full((6,), 5)), ValueError, r"labels y must be in \[0, 5\)"),
-    (dict(y=torch.full((6,), -1)), ValueError, r"labels y must be in \[0, 5\)"),
-    (dict(n=0), ValueError, "num_samples must be an int >= 1"),
-    (dict(n=True), ValueError, "num_samples must be an int >= 1"),
-    (dict(strategy="vmap"), ValueError, "strategy must be one of"),
-    (dict(create_graph=1), TypeError, "create_graph must be a bool"),
-    (dict(loss="hinge"), ValueError, "loss must be one of"),
-    (dict(loss=lambda z, y: z.sum()), ValueError, "callable loss must return a per-example tensor"),
-    (dict(generator=1.5), TypeError, "generator must be"),
-    (dict(model=ThreeD()), ValueError, r"must return logits \[N, C\]"),
+    ({"model": "not a model"}, TypeError, "model must be an nn.Module"),
+    ({"x": torch.zeros(6, 1, 3, 4, dtype=torch.int64)}, TypeError, "x must be a floating-point"),
+    ({"x": torch.zeros(6, dtype=torch.float64)}, ValueError, "x must be a batch"),
+    ({"y": torch.zeros(6)}, TypeError, "y must be an integer tensor"),
+    ({"y": torch.zeros(5, dtype=torch.long)}, ValueError, "y must have shape"),
+    ({"y": torch.full((6,), 5)}, ValueError, r"labels y must be in \[0, 5\)"),
+    ({"y": torch.full((6,), -1)}, ValueError, r"labels y must be in \[0, 5\)"),
+    ({"n": 0}, ValueError, "num_samples must be an int >= 1"),
+    ({"n": True}, ValueError, "num_samples must be an int >= 1"),
+    ({"strategy": "vmap"}, ValueError, "strategy must be one of"),
+    ({"create_graph": 1}, TypeError, "create_graph must be a bool"),
+    ({"loss": "hinge"}, ValueError, "loss must be one of"),
+    ({"loss": lambda z, y: z.sum()}, ValueError, "callable loss must return a per-example tensor"),
+    ({"generator": 1.5}, TypeError, "generator must be"),
+    ({"model": ThreeD()}, ValueError, r"must return logits \[N, C\]"),
 ])
 def test_bad_inputs(case, error, match):
     x, y = data()
-    args = dict(model=noise_mlp(), x=x, y=y, n=3, loss="ce", strategy="auto", create_graph=False, generator=0)
+    args = {"model": noise_mlp(), "x": x, "y": y, "n": 3, "loss": "ce", "strategy": "auto", "create_graph": False, "generator": 0}
     args.update(case)
     with pytest.raises(error, match=match):
         fastdiv.sample_input_grads(args["model"], args["x"], args["y"], args["n"], loss=args["loss"],

@@ -11,7 +11,15 @@ Every gradient attack gets the n sample models' input gradients from one
 the classes.
 """
 from .apgd import APGD, APGDDLR, apgd_checkpoints
-from .base import EOT_MODES, MODEL_MODES, NORMS, Attack, cw_loss, dlr_loss, ensemble_margin
+from .base import (
+    EOT_MODES,
+    MODEL_MODES,
+    NORMS,
+    Attack,
+    cw_loss,
+    dlr_loss,
+    ensemble_margin,
+)
 from .gradient import BIM, FGM, FGSM, MIFGSM, PGD, PGDCW, PGDL2, RFGSM
 from .square import Square, p_selection
 from .transfer import SurrogateEnsemble, TransferAttack
@@ -32,7 +40,27 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 __all__ = [
-    "APGD", "APGDDLR", "ATTACKS", "Attack", "BIM", "EOT_MODES", "FGM", "FGSM", "MIFGSM", "MODEL_MODES", "NORMS",
-    "PGD", "PGDCW", "PGDL2", "RFGSM", "Square", "SurrogateEnsemble", "TransferAttack", "apgd_checkpoints",
-    "cw_loss", "dlr_loss", "ensemble_margin", "p_selection",
+    "APGD",
+    "APGDDLR",
+    "ATTACKS",
+    "BIM",
+    "EOT_MODES",
+    "FGM",
+    "FGSM",
+    "MIFGSM",
+    "MODEL_MODES",
+    "NORMS",
+    "PGD",
+    "PGDCW",
+    "PGDL2",
+    "RFGSM",
+    "Attack",
+    "Square",
+    "SurrogateEnsemble",
+    "TransferAttack",
+    "apgd_checkpoints",
+    "cw_loss",
+    "dlr_loss",
+    "ensemble_margin",
+    "p_selection",
 ]

@@ -25,7 +25,15 @@ import math
 import torch
 
 from ..eot import eot_step
-from .base import Attack, _check_choice, _check_int, _check_number, dlr_loss, ensemble_margin, mean_sample_loss
+from .base import (
+    Attack,
+    _check_choice,
+    _check_int,
+    _check_number,
+    dlr_loss,
+    ensemble_margin,
+    mean_sample_loss,
+)
 
 __all__ = ["APGD", "APGDDLR", "apgd_checkpoints"]
 

@@ -21,10 +21,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..grads import STRATEGIES, _has_unseeded_randomness, per_example_loss, resolve_seed, sample_input_grads
+from ..grads import (
+    STRATEGIES,
+    _has_unseeded_randomness,
+    per_example_loss,
+    resolve_seed,
+    sample_input_grads,
+)
 from ..nn.sampling import is_randomized, sampling, supports_batched
 
-__all__ = ["Attack", "EOT_MODES", "MODEL_MODES", "NORMS", "cw_loss", "dlr_loss", "ensemble_margin"]
+__all__ = ["EOT_MODES", "MODEL_MODES", "NORMS", "Attack", "cw_loss", "dlr_loss", "ensemble_margin"]
 
 EOT_MODES = ("mean", "one", "fixed")
 NORMS = ("linf", "l2")
@@ -45,7 +51,7 @@ def _other_max(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf")).amax(1)
 
 
-class cw_loss:  # noqa: N801  (a loss "function" with a parameter, like functools.partial)
+class cw_loss:
     """Carlini–Wagner hinge to ascend: ``min(max_{j≠y} z_j − z_y, confidence)`` on logits ``z``.
 
     The attack pushes each example until some wrong class beats the true one by ``confidence``
@@ -190,7 +196,9 @@ class Attack:
         seed: int seed of the call's randomness (random starts, sample models): every call with the
             same inputs gives the same result. None: the global RNG.
         strategy: how the n sample gradients are computed, passed to
-            :func:`fastdiv.sample_input_grads`: 'auto', 'batched' or 'loop'.
+            :func:`fastdiv.sample_input_grads`: 'batched', 'loop' or 'auto' (the batched pass on a
+            GPU where the model supports it, the loop on the CPU, where it is faster). Both give the
+            same result for the same seed.
         model_mode: 'eval' (default, as torchattacks: the model is put in eval mode during the
             attack), 'train' (train mode, e.g. for MC dropout whose randomness only acts in training;
             BatchNorm then uses and updates batch statistics), or 'keep' (leave the mode alone).
@@ -314,21 +322,22 @@ class Attack:
 
     def _sample_logits(self, x: torch.Tensor, seed: int, num_samples: int | None = None) -> torch.Tensor:
         """Logits ``[n, B, C]`` of n sample models drawn from ``seed`` (no gradient): one forward over
-        the replicated batch when the model supports it (as sample_input_grads), else n forwards."""
+        the replicated batch or n forwards, chosen by ``strategy`` as sample_input_grads does."""
         n = self.num_samples if num_samples is None else num_samples
         model, batch = self.model, x.shape[0]
         deterministic = not is_randomized(model) and not _has_unseeded_randomness(model)
         with torch.no_grad():
             if deterministic:
                 out = self._checked_logits(model(x), batch).unsqueeze(0).expand(n, -1, -1)
-            elif self.strategy != "loop" and supports_batched(model):
+            elif self.strategy == "batched" or (self.strategy == "auto" and x.device.type != "cpu"
+                                                 and supports_batched(model)):
+                if not supports_batched(model):
+                    raise ValueError(f"{self.name}: strategy='batched' needs a model whose randomness comes "
+                                     "from fastdiv.nn layers; use strategy='loop' or 'auto'")
                 with sampling(model, n, seed):
                     out = self._checked_logits(model(x.repeat(n, *([1] * (x.dim() - 1)))), n * batch)
                 out = out.view(n, batch, -1)
             else:
-                if self.strategy == "batched":
-                    raise ValueError(f"{self.name}: strategy='batched' needs a model whose randomness comes "
-                                     "from fastdiv.nn layers; use strategy='loop' or 'auto'")
                 parts = []
                 for s in range(n):
                     with sampling(model, n, seed, index=s):

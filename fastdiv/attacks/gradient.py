@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 
 from ..eot import eot_step
-from .base import Attack, _Call, _check_choice, _check_int, _check_loss, _check_number, cw_loss
+from .base import (
+    Attack,
+    _Call,
+    _check_choice,
+    _check_int,
+    _check_loss,
+    _check_number,
+    cw_loss,
+)
 
 __all__ = ["BIM", "FGM", "FGSM", "MIFGSM", "PGD", "PGDCW", "PGDL2", "RFGSM"]
 

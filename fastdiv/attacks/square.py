@@ -13,7 +13,14 @@ import math
 
 import torch
 
-from .base import Attack, _check_choice, _check_int, _check_number, _other_max, ensemble_margin
+from .base import (
+    Attack,
+    _check_choice,
+    _check_int,
+    _check_number,
+    _other_max,
+    ensemble_margin,
+)
 
 __all__ = ["Square", "p_selection"]
 
@@ -89,7 +96,7 @@ class Square(Attack):
                 break
             xa, xb = x0[idx], x_best[idx]
             p = p_selection(self.p_init, it, self.n_queries)
-            s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+            s = min(max(round(math.sqrt(p * h * w)), 1), min(h, w) - 1)
             top = rng.randint(h - s, (idx.numel(),), x0.device).view(-1, 1, 1, 1)
             left = rng.randint(w - s, (idx.numel(),), x0.device).view(-1, 1, 1, 1)
             window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
