@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
-
-# Each subcommand module exposes add_parser(subparsers) and sets func on its parser.
-_SUBCOMMAND_MODULES = ("fastdiv.train", "fastdiv.evaluate", "fastdiv.demo")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -25,9 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="print versions, the built backends and what backend='auto' picks")
     p_info.add_argument("--json", action="store_true", help="print the same facts as JSON")
     p_info.set_defaults(func=_info)
-    for name in _SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:  # TODO(integration): import directly once all exist
-            importlib.import_module(name).add_parser(sub)
+    # each subcommand module adds its parser and sets func on it
+    from . import demo, evaluate, train
+
+    for module in (train, evaluate, demo):
+        module.add_parser(sub)
     return parser
 
 

@@ -36,8 +36,6 @@ from torch import nn
 
 from .._seeds import mix_seed
 
-_mix = mix_seed  # TODO(integration): remove once fastdiv/analysis.py imports mix_seed
-
 __all__ = [
     "RandomizedModule", "SampleState", "frozen_sample", "is_randomized", "sample_models", "sampling",
     "supports_batched",
