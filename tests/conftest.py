@@ -20,6 +20,7 @@ import torch
 
 import fastdiv
 from fastdiv import reference
+from fastdiv.nn import RandomizedModule
 
 # ---------------------------------------------------------------------------------------------------
 # The losses under test: every Gram-family loss, and the three Omega_V kinds as separate cases.
@@ -150,6 +151,20 @@ def _isolate(monkeypatch):
     """Every test starts with a fixed seed and without a FASTDIV_BACKEND override from the caller's shell."""
     monkeypatch.delenv("FASTDIV_BACKEND", raising=False)
     torch.manual_seed(0)
+
+
+class Noise(RandomizedModule):
+    """Additive Gaussian noise, one draw per sample model: the sampling protocol's example layer,
+    shared by the tests of sample_input_grads and of the attacks."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x):
+        k = self.active_samples()
+        eps = self.draw((x.shape[0] // k, *x.shape[1:]), like=x)
+        return x + self.sigma * eps.reshape(x.shape)
 
 
 @pytest.fixture(scope="module")

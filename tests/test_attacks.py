@@ -33,6 +33,7 @@ from fastdiv.attacks import (
     ensemble_margin,
     p_selection,
 )
+from conftest import Noise
 from fastdiv.nn import RandomizedModule, frozen_sample, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
@@ -40,19 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 # ---------------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------------
-
-
-class Noise(RandomizedModule):
-    """Additive Gaussian noise, one draw per sample model (the sampling protocol's example layer)."""
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        self.sigma = sigma
-
-    def forward(self, x):
-        k = self.active_samples()
-        eps = self.draw((x.shape[0] // k, *x.shape[1:]), like=x)
-        return x + self.sigma * eps.reshape(x.shape)
 
 
 @functools.cache

@@ -10,22 +10,10 @@ from torch import nn
 
 import fastdiv
 from fastdiv.grads import per_example_loss, resolve_seed
+from conftest import Noise
 from fastdiv.nn import RandomizedModule, frozen_sample, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
-
-
-class Noise(RandomizedModule):
-    """Additive Gaussian noise, one draw per sample model (the sampling protocol's example layer)."""
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        self.sigma = sigma
-
-    def forward(self, x):
-        k = self.active_samples()
-        eps = self.draw((x.shape[0] // k, *x.shape[1:]), like=x)
-        return x + self.sigma * eps.reshape(x.shape)
 
 
 class Stacked(RandomizedModule):
