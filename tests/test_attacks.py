@@ -34,7 +34,7 @@ from fastdiv.attacks import (
     p_selection,
 )
 from conftest import Noise
-from fastdiv.nn import RandomizedModule, frozen_sample, sampling
+from fastdiv.nn import frozen_sample, sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
