@@ -27,7 +27,7 @@ from torch import nn
 from .grads import sample_input_grads
 from .losses import concentration_stats
 from ._seeds import mix_seed
-from .nn.sampling import _UNSEEDED_RANDOM, frozen_sample, is_randomized, sampling, supports_batched
+from .nn.sampling import frozen_sample, is_stochastic, sampling, supports_batched
 
 __all__ = [
     "ONE_STEP_ATTACKS", "ITERATIVE_ATTACKS", "BLACK_BOX_ATTACKS", "STAT_NAMES",
@@ -57,13 +57,6 @@ def derive_seed(*values: int) -> int:
     """A 62-bit seed derived from integers (a splitmix64 hash), so that the seeds of repeats,
     attacks and ε values are unrelated streams yet reproducible."""
     return mix_seed(*values) >> 1
-
-
-def is_stochastic(model: nn.Module) -> bool:
-    """Whether ``model``'s output depends on random draws: it contains a
-    :class:`fastdiv.nn.RandomizedModule` or an active torch dropout layer."""
-    return is_randomized(model) or any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0
-                                       for m in model.modules())
 
 
 def members_of(model: nn.Module) -> list[nn.Module] | None:

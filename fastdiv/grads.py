@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ._checks import check_model_and_batch
-from .nn.sampling import _UNSEEDED_RANDOM, is_randomized, sampling, supports_batched
+from .nn.sampling import is_stochastic, sampling, supports_batched
 
-__all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "sample_input_grads"]
+__all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "resolve_strategy", "sample_input_grads"]
 
 STRATEGIES = ("auto", "batched", "loop")
 LOSSES = ("ce", "logit", "cw")
@@ -81,7 +81,7 @@ def _check_inputs(model, x, y, num_samples, create_graph, strategy) -> None:
         raise TypeError(f"{fn}: create_graph must be a bool, got {type(create_graph).__name__}")
 
 
-def _logits(model, x: torch.Tensor, batch: int) -> torch.Tensor:
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         raise ValueError(f"sample_input_grads: the model must return logits [N, C] for an input batch of "
@@ -95,19 +95,32 @@ def _check_labels(y: torch.Tensor, classes: int) -> None:
                          f"classes, got range [{int(y.min())}, {int(y.max())}]")
 
 
-def _grads_of(model, x, y, loss, create_graph):
+def _grads_of(model, x, y, loss, create_graph, check_labels=True):
     """(input gradient, logits) of one forward on ``x`` (a replicated or plain batch)."""
     leaf = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = _logits(model, leaf, x.shape[0])
-        _check_labels(y, logits.shape[1])
+        logits = _logits(model, leaf)
+        if check_labels:  # before the loss: an out-of-range label is a device assert on CUDA
+            _check_labels(y, logits.shape[1])
         total = per_example_loss(loss, logits, y.repeat(x.shape[0] // y.shape[0])).sum()
         (grad,) = torch.autograd.grad(total, leaf, create_graph=create_graph)
     return grad, logits
 
 
-def _has_unseeded_randomness(model: nn.Module) -> bool:
-    return any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0 for m in model.modules())
+def resolve_strategy(model: nn.Module, x: torch.Tensor, strategy: str, fn: str = "sample_input_grads") -> str:
+    """'batched' or 'loop' for evaluating n sample models of ``model`` at ``x``.
+
+    'auto' is 'batched' for tensors on a GPU when :func:`fastdiv.nn.supports_batched` allows it, else
+    'loop': measured (benchmarks/RESULTS.md), on CPU the n-times replicated batch falls out of cache
+    and loses to the loop (1.7-2.2x slower single-threaded); on GPUs the one large pass wins.
+    """
+    if strategy == "auto":
+        return "batched" if supports_batched(model) and x.device.type != "cpu" else "loop"
+    if strategy == "batched" and not supports_batched(model):
+        raise ValueError(f"{fn}: strategy='batched' needs a model whose randomness comes from "
+                         "fastdiv.nn layers (torch dropout in train mode or a layer without sample batching "
+                         "found); use strategy='loop' or 'auto'")
+    return strategy
 
 
 def sample_input_grads(
@@ -147,21 +160,14 @@ def sample_input_grads(
     _check_inputs(model, x, y, num_samples, create_graph, strategy)
     y = y.long()
     n, batch = num_samples, x.shape[0]
-    if strategy == "auto":
-        # Measured (benchmarks/RESULTS.md): on CPU the n-times replicated batch falls out of cache and
-        # loses to the loop (1.7-2.2x slower single-threaded); on GPUs the one large pass wins.
-        strategy = "batched" if supports_batched(model) and x.device.type != "cpu" else "loop"
-    elif strategy == "batched" and not supports_batched(model):
-        raise ValueError("sample_input_grads: strategy='batched' needs a model whose randomness comes from "
-                         "fastdiv.nn layers (torch dropout in train mode or a layer without sample batching "
-                         "found); use strategy='loop'")
+    strategy = resolve_strategy(model, x, strategy)
     seed = resolve_seed(generator)
     if batch == 0:
         with torch.no_grad(), sampling(model, 1, seed, index=0):
-            classes = _logits(model, x, 0).shape[1]
+            classes = _logits(model, x).shape[1]
         return x.new_zeros((n, *x.shape)), x.new_zeros((n, 0, classes))
 
-    if not is_randomized(model) and not _has_unseeded_randomness(model):
+    if not is_stochastic(model):
         grad, logits = _grads_of(model, x, y, loss, create_graph)
         grads, logits = grad.unsqueeze(0).expand(n, *grad.shape), logits.unsqueeze(0).expand(n, *logits.shape)
     elif strategy == "batched":
@@ -172,7 +178,7 @@ def sample_input_grads(
         pairs = []
         for s in range(n):
             with sampling(model, n, seed, index=s):
-                pairs.append(_grads_of(model, x, y, loss, create_graph))
+                pairs.append(_grads_of(model, x, y, loss, create_graph, check_labels=s == 0))
         grads = torch.stack([g for g, _ in pairs])
         logits = torch.stack([z for _, z in pairs])
     return grads, (logits if create_graph else logits.detach())

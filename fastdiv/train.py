@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._seeds import mix_seed
+from .nn.sampling import is_stochastic
 from .presets import DATASET_NAMES, PRESETS, format_presets, get_preset
 
 __all__ = [
@@ -557,12 +558,6 @@ def _members(model: nn.Module) -> list[nn.Module] | None:
     return list(members) if members is not None else None
 
 
-def _is_randomized(model: nn.Module) -> bool:
-    from .grads import _has_unseeded_randomness
-    from .nn.sampling import is_randomized
-    return is_randomized(model) or _has_unseeded_randomness(model)
-
-
 # ------------------------------------------------------------------------------------------------
 # Distributed plumbing
 # ------------------------------------------------------------------------------------------------
@@ -713,7 +708,7 @@ class _Run:
             self.train_module = _MemberLogits(self.model)
         else:
             self.train_module = self.eval_module
-        self.randomized = _is_randomized(self.eval_module)
+        self.randomized = is_stochastic(self.eval_module)
         if cfg.prse_every:
             from .nn.population import counter_link_masks
             counter_link_masks(self.model, fraction=cfg.link_fraction, generator=mix_seed(cfg.seed, 0x4C494E4B))

@@ -23,12 +23,12 @@ from torch import nn
 
 from ..grads import (
     STRATEGIES,
-    _has_unseeded_randomness,
     per_example_loss,
     resolve_seed,
+    resolve_strategy,
     sample_input_grads,
 )
-from ..nn.sampling import is_randomized, sampling, supports_batched
+from ..nn.sampling import has_unseeded_randomness, is_stochastic, sampling
 
 __all__ = ["EOT_MODES", "MODEL_MODES", "NORMS", "Attack", "cw_loss", "dlr_loss", "ensemble_margin"]
 
@@ -282,7 +282,7 @@ class Attack:
         try:
             if self.model_mode != "keep":
                 self.model.train(self.model_mode == "train")
-            if self.eot == "fixed" and _has_unseeded_randomness(self.model):
+            if self.eot == "fixed" and has_unseeded_randomness(self.model):
                 raise ValueError(f"{self.name}: eot='fixed' cannot pin the masks of torch dropout layers in "
                                  "train mode (they draw fresh masks at every forward); use fastdiv.nn layers, "
                                  "eot='one', or model_mode='eval'")
@@ -325,15 +325,10 @@ class Attack:
         the replicated batch or n forwards, chosen by ``strategy`` as sample_input_grads does."""
         n = self.num_samples if num_samples is None else num_samples
         model, batch = self.model, x.shape[0]
-        deterministic = not is_randomized(model) and not _has_unseeded_randomness(model)
         with torch.no_grad():
-            if deterministic:
+            if not is_stochastic(model):
                 out = self._checked_logits(model(x), batch).unsqueeze(0).expand(n, -1, -1)
-            elif self.strategy == "batched" or (self.strategy == "auto" and x.device.type != "cpu"
-                                                 and supports_batched(model)):
-                if not supports_batched(model):
-                    raise ValueError(f"{self.name}: strategy='batched' needs a model whose randomness comes "
-                                     "from fastdiv.nn layers; use strategy='loop' or 'auto'")
+            elif resolve_strategy(model, x, self.strategy, self.name) == "batched":
                 with sampling(model, n, seed):
                     out = self._checked_logits(model(x.repeat(n, *([1] * (x.dim() - 1)))), n * batch)
                 out = out.view(n, batch, -1)

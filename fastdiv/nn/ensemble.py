@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_model_and_batch
 from .._seeds import mix_seed
-from .sampling import RandomizedModule, SampleState, is_randomized, sampling, supports_batched
+from .sampling import RandomizedModule, SampleState, is_randomized, is_stochastic, sampling, supports_batched
 
 __all__ = ["Ensemble", "predict"]
 
@@ -290,13 +290,13 @@ def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None,
     >>> probs = fastdiv.nn.predict(bnn, x, num_samples=20, seed=0)   # GradDiv: 20-sample inference
     >>> acc = (probs.argmax(1) == y).float().mean()
     """
-    from ..grads import _has_unseeded_randomness, resolve_seed
+    from ..grads import resolve_seed
 
     _check_predict_args(model, x, num_samples, chunk)
     ensemble = isinstance(model, Ensemble)
     if ensemble:
         num_samples = len(model.members)
-    randomized = is_randomized(model) or _has_unseeded_randomness(model)
+    randomized = is_stochastic(model)
     n = num_samples if randomized else 1
     if chunk is None:
         chunk = max(1, _ROWS_PER_FORWARD // n)

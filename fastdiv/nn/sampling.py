@@ -37,8 +37,8 @@ from torch import nn
 from .._seeds import mix_seed
 
 __all__ = [
-    "RandomizedModule", "SampleState", "frozen_sample", "is_randomized", "sample_models", "sampling",
-    "supports_batched",
+    "RandomizedModule", "SampleState", "frozen_sample", "has_unseeded_randomness", "is_randomized", "is_stochastic",
+    "sample_models", "sampling", "supports_batched",
 ]
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +131,23 @@ def is_randomized(model: nn.Module) -> bool:
 _UNSEEDED_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def has_unseeded_randomness(model: nn.Module) -> bool:
+    """Whether ``model`` has an active torch dropout layer: randomness the sampling contexts cannot seed."""
+    return any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0 for m in model.modules())
+
+
+def is_stochastic(model: nn.Module) -> bool:
+    """Whether ``model``'s output depends on random draws: it contains a :class:`RandomizedModule`
+    or an active torch dropout layer."""
+    return is_randomized(model) or has_unseeded_randomness(model)
+
+
 def supports_batched(model: nn.Module) -> bool:
     """Whether :func:`fastdiv.sample_input_grads` can evaluate ``model``'s n samples in one batched
     pass with the same samples as the loop: every randomized layer supports sample batching and no
     torch dropout layer (unseeded randomness) is active."""
-    for m in model.modules():
-        if isinstance(m, RandomizedModule) and not m.supports_sample_batching:
-            return False
-        if isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0:
-            return False
-    return True
+    return not has_unseeded_randomness(model) and not any(
+        isinstance(m, RandomizedModule) and not m.supports_sample_batching for m in model.modules())
 
 
 def _install(model: nn.Module, state: SampleState | None) -> list[tuple[RandomizedModule, SampleState | None]]:
