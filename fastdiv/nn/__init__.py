@@ -6,7 +6,9 @@ from .sampling import (
     RandomizedModule,
     SampleState,
     frozen_sample,
+    has_unseeded_randomness,
     is_randomized,
+    is_stochastic,
     sample_models,
     sampling,
     supports_batched,
@@ -19,7 +21,8 @@ from .population import Population, counter_link_masks, prse
 from .dropout import PriorityDropout, PriorityDropoutEnsemble
 
 __all__ = [
-    "RandomizedModule", "SampleState", "frozen_sample", "is_randomized", "sample_models", "sampling",
+    "RandomizedModule", "SampleState", "frozen_sample", "has_unseeded_randomness", "is_randomized",
+    "is_stochastic", "sample_models", "sampling",
     "supports_batched",
 ]
 __all__ += ["BayesBatchNorm2d", "BayesConv2d", "BayesLinear", "BayesianLayer", "kl_divergence"]
