@@ -53,6 +53,53 @@ def test_gram_pullback_op():
     assert out.dtype == torch.float16  # dX has x's dtype
 
 
+def test_gram_pullback_scale_op():
+    """dX_b = scale_b (A_b X_b + beta_b sign(X_b)), bit for bit the unfused a * s, beta * s call, for a
+    scale of any stride: contiguous, the stride-0 expansion autograd hands out, every other element."""
+    x = randn(4, 5, 300, seed=30)
+    a, beta = randn(4, 5, 5, seed=31), randn(4, 5, seed=32)
+    s = randn(4, seed=33)
+    for scale in (s, torch.tensor(-1.5, dtype=torch.float64).expand(4), randn(8, seed=34)[::2]):
+        unfused = OPS.gram_pullback(x, a * scale[:, None, None], beta * scale[:, None])
+        assert torch.equal(OPS.gram_pullback(x, a, beta, scale), unfused), scale.stride()
+        assert_close64(OPS.gram_pullback(x, a, beta, scale),
+                       scale[:, None, None] * (a @ x + beta[:, :, None] * torch.sign(x)), "s (A X + beta sign(X))")
+        assert torch.equal(OPS.gram_pullback(x, a, None, scale), OPS.gram_pullback(x, a * scale[:, None, None], None))
+    assert torch.equal(OPS.gram_pullback(x, a, beta, None), OPS.gram_pullback(x, a, beta))  # absent = 1
+    # NaN / Inf / 0 scales as the unfused formula gives them, for the general and the diagonal-A fast path
+    special = torch.tensor([math.nan, math.inf, 0.0, -2.0], dtype=torch.float64)
+    for coef in (a, torch.diag_embed(torch.diagonal(a, dim1=1, dim2=2))):
+        fused = OPS.gram_pullback(x, coef, beta, special)
+        unfused = OPS.gram_pullback(x, coef * special[:, None, None], beta * special[:, None])
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(fused[0]).all() and torch.equal(fused[2], torch.zeros_like(fused[2]))
+        assert torch.isfinite(fused[3]).all()
+    xf = x.float()  # fp32 x takes an fp32 scale
+    torch.testing.assert_close(OPS.gram_pullback(xf, a.float(), beta.float(), s.float()),
+                               OPS.gram_pullback(xf, (a * s[:, None, None]).float(), (beta * s[:, None]).float()))
+
+
+def test_gram_loss_backward_is_one_pullback_launch():
+    """The fused loss's backward hands grad_loss to the kernel as its scale: no a * g, beta * g launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for head in ("dpp", "sparsity"):
+        x = randn(3, 4, 9, seed=35).requires_grad_()
+        loss, grad_loss = OPS.gram_loss(x, head, EPS, JITTER, 0.0, RHO_MAX)[0], randn(3, seed=36)
+        with Record() as record:
+            torch.autograd.grad(loss, x, grad_loss)
+        assert record.ops == ["fastdiv.gram_pullback.default"], (head, record.ops)
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_gram_loss_op_matches_public_loss(head):
     x = randn(3, 4, 9, seed=5)
@@ -122,6 +169,9 @@ def test_opcheck_gram_pullback(dtype):
     a, beta = randn(3, 4, 4, seed=10).to(acc), randn(3, 4, seed=11).to(acc)
     opcheck(OPS.gram_pullback.default, (x, a, beta))
     opcheck(OPS.gram_pullback.default, (x, a, None))
+    scale = randn(3, seed=12).to(acc)
+    opcheck(OPS.gram_pullback.default, (x, a, beta, scale))
+    opcheck(OPS.gram_pullback.default, (x, a, None, scale[:1].expand(3)))  # stride 0
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -200,6 +250,9 @@ def test_raw_op_errors():
         OPS.gram_pullback(x, torch.randn(2, 3, 3, dtype=torch.float64), None)
     with pytest.raises(ValueError, match="beta must be"):
         OPS.gram_pullback(x, torch.randn(2, 3, 3), torch.randn(2, 4))
+    for bad in (torch.randn(3), torch.randn(2, 1), torch.randn(2, dtype=torch.float64), torch.empty(0)):
+        with pytest.raises(ValueError, match=r"scale must be \[2\]"):
+            OPS.gram_pullback(x, torch.randn(2, 3, 3), None, bad)
     with pytest.raises(ValueError, match="grad must match"):
         OPS.normalize_pullback(x, torch.randn(2, 3, 5), EPS)
     r, mean, _ = OPS.column_stats(x, EPS)

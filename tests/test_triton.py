@@ -101,6 +101,28 @@ def test_gram_pullback(dtype, n, d):
     check(ft.gram_pullback(x, a, beta), ops.gram_pullback(x, a, beta), OUT_TOL[dtype], "pullback+beta")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=DT.get)
+def test_gram_pullback_scale(dtype):
+    """The per-input scale (the fused losses' upstream gradient) of any stride, NaN / Inf / 0 included,
+    as the C++ op applies it; the fastdiv_triton op takes it, or not (scale=None default)."""
+    x = make_x(4, 5, 37, dtype, seed=20)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 5, 5, generator=gen, dtype=torch.float64).to(acc)
+    beta = torch.randn(4, 5, generator=gen, dtype=torch.float64).to(acc)
+    diag = torch.diag_embed(torch.diagonal(a, dim1=1, dim2=2))
+    for what, scale in [("contiguous", torch.randn(4, generator=gen, dtype=torch.float64).to(acc)),
+                        ("stride 0", torch.tensor(-1.5, dtype=acc).expand(4)),
+                        ("stride 2 special", torch.tensor([math.nan, 7, math.inf, 7, 0, 7, 3, 7], dtype=acc)[::2])]:
+        for coef, b in ((a, beta), (a, None), (diag, beta)):
+            check(ft.gram_pullback(x, coef, b, scale), ops.gram_pullback(x, coef, b, scale), OUT_TOL[dtype],
+                  f"pullback scale {what} beta={b is not None}")
+    t = torch.ops.fastdiv_triton
+    check(t.gram_pullback(x, a, beta), ops.gram_pullback(x, a, beta), OUT_TOL[dtype], "op, scale defaulted")
+    check(t.gram_pullback(x, a, beta, scale), ops.gram_pullback(x, a, beta, scale), OUT_TOL[dtype], "op, scale")
+
+
 # ------------------------------------------------------------------------------------------------
 # Heads and statistics
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +330,8 @@ def test_triton_namespace_opcheck_and_compile():
                      (t.gram_loss.default, (x, "sparsity", EPS, JITTER, 0.0, RHO_MAX)),
                      (t.gram.default, (x, True)), (t.normalize.default, (x, EPS)),
                      (t.column_stats.default, (x, EPS)),
-                     (t.concentration_stats.default, (x.detach(), 1.0, EPS, JITTER, RHO_MAX))]:
+                     (t.concentration_stats.default, (x.detach(), 1.0, EPS, JITTER, RHO_MAX)),
+                     (t.gram_pullback.default, (x.detach(), torch.randn(3, 4, 4), None, torch.randn(1).expand(3)))]:
         torch.library.opcheck(op, args)
     f = torch.compile(lambda g: fastdiv.dpp_loss(g, backend="triton") + fastdiv.variance_penalty(g, backend="triton"),
                       fullgraph=True, backend="aot_eager")

@@ -145,49 +145,23 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
   });
 }
 
-void check_features(const at::Tensor& t, const at::Tensor& g, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == g.size(0) && t.size(1) == g.size(2), "fastdiv::eot_step: ",
-                    name, " must be [B, D] = [", g.size(0), ", ", g.size(2), "], got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == g.scalar_type(), "fastdiv::eot_step: ", name, " must have grads' dtype ",
-                   g.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastdiv::eot_step: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastdiv::eot_step: ", name,
-                    " needs unit stride on the feature dim, got stride ", t.stride(1));
-}
-
-at::Tensor per_example(const at::Tensor& t, int64_t B, at::ScalarType acc, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.scalar_type() == acc && t.device().is_cpu(),
-                    "fastdiv::eot_step: ", name, " must be a [", B, "] CPU tensor of ", acc, ", got ", t.sizes(),
-                    " of ", t.scalar_type(), " on ", t.device());
-  return t.contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
                                             const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
                                             double lo, double hi, bool clip,
                                             const std::optional<at::Tensor>& momentum, double decay) {
-  check_rows(grads, "eot_step");
+  check_rows(grads, "eot_step", at::kCPU);
   const int64_t B = grads.size(0), n = grads.size(1), d = grads.size(2);
   TORCH_CHECK_VALUE(n >= 1, "fastdiv::eot_step: grads needs at least one sample, got [B, n, D] = ", grads.sizes());
-  TORCH_CHECK_VALUE(norm == "linf" || norm == "l2", "fastdiv::eot_step: norm must be 'linf' or 'l2', got '", norm,
-                    "'");
-  check_features(x, grads, "x");
-  check_features(x0, grads, "x0");
+  check_eot_norm(norm);
+  check_eot_features(x, grads, "x");
+  check_eot_features(x0, grads, "x0");
   const auto acc = acc_scalar_type(grads.scalar_type());
-  const at::Tensor a = per_example(alpha, B, acc, "alpha");
-  const at::Tensor e = per_example(eps, B, acc, "eps");
-  at::Tensor m;
+  const at::Tensor a = eot_per_example(alpha, grads, "alpha");
+  const at::Tensor e = eot_per_example(eps, grads, "eps");
   const bool has_m = momentum.has_value() && momentum->defined();
-  if (has_m) {
-    m = *momentum;
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == d && m.scalar_type() == acc &&
-                          m.device().is_cpu(),
-                      "fastdiv::eot_step: momentum must be a [", B, ", ", d, "] CPU tensor of ", acc, ", got ",
-                      m.sizes(), " of ", m.scalar_type(), " on ", m.device());
-    if (d > 1 && m.stride(1) != 1) m = m.contiguous();
-  }
+  const at::Tensor m = has_m ? eot_momentum(*momentum, grads) : at::Tensor();
   at::Tensor out = at::empty({B, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor m_out = at::empty({B, has_m ? d : 0}, x.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || d == 0) return {out, m_out};

@@ -1,5 +1,5 @@
 // Gram-family kernels: one read of X builds the raw Gram (and row l1 norms); the n x n head runs on
-// it in registers; the pullback dX = A X + beta ⊙ sign(X) is one read of X and one write of dX.
+// it in registers; the pullback dX = s (A X + beta ⊙ sign(X)) is one read of X and one write of dX.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -7,22 +7,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "heads.h"
 #include "kernels.h"
 #include "tile.h"
 
 namespace fastdiv::cpu {
-
-void check_rows(const at::Tensor& x, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() == 3, "fastdiv::", op, ": x must be [B, n, D], got ", x.dim(), " dims");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
-                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   "fastdiv::", op, ": x must be float32, float64, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "fastdiv::", op, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK_VALUE(x.size(2) <= 1 || x.stride(2) == 1, "fastdiv::", op,
-                    ": x needs unit stride on the feature dim, got stride ", x.stride(2));
-}
 
 namespace {
 
@@ -191,22 +181,40 @@ bool off_diagonal_zero(const A* a, int64_t n) {
   return true;
 }
 
+// scale (nullable) is the per-input factor of the fused backward, scale[b * scale_stride]. It is folded
+// into a per-task copy of the coefficients, (s A_b, s beta_b), so dX is bit for bit the unscaled kernel
+// on the coefficients the unfused a * s, beta * s would give (NaN / Inf scales included), and the
+// off-diagonal test below still sees exact zeros.
 template <typename T>
-void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor* beta, at::Tensor& dx) {
+void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor* beta, const at::Tensor* scale,
+                     at::Tensor& dx) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
   const auto rows = rows_of<T>(x);
   const A* a_in = a.const_data_ptr<A>();
   const A* beta_in = beta ? beta->const_data_ptr<A>() : nullptr;
+  const A* scale_in = scale ? scale->const_data_ptr<A>() : nullptr;
+  const int64_t scale_stride = scale ? scale->stride(0) : 0;
   T* out = dx.data_ptr<T>();
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
+    std::vector<A> a_scaled(scale_in ? n * n : 0), beta_scaled(scale_in && beta_in ? n : 0);
     for (int64_t b = begin; b < end; ++b) {
       const A* ab = a_in + b * n * n;
+      const A* bb = beta_in ? beta_in + b * n : nullptr;
+      if (scale_in) {
+        const A s = scale_in[b * scale_stride];
+        for (int64_t i = 0; i < n * n; ++i) a_scaled[i] = ab[i] * s;
+        ab = a_scaled.data();
+        if (bb) {
+          for (int64_t i = 0; i < n; ++i) beta_scaled[i] = bb[i] * s;
+          bb = beta_scaled.data();
+        }
+      }
       if (off_diagonal_zero(ab, n)) {  // e.g. Omega_S: O(n D) instead of O(n^2 D)
         for (int64_t i = 0; i < n; ++i) {
           const T* xi = rows.row(b, i);
-          const A aii = ab[i * n + i], bi = beta_in ? beta_in[b * n + i] : A(0);
+          const A aii = ab[i * n + i], bi = bb ? bb[i] : A(0);
           T* dst = out + (b * n + i) * d;
 #pragma omp simd
           for (int64_t k = 0; k < d; ++k) {
@@ -221,8 +229,7 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
         int64_t row_stride;
         const A* base = tile_rows(rows, b, n, d0, len, tile.data(), &row_stride);
         for (int64_t i0 = 0; i0 < n; i0 += kRows)
-          pullback_rows(base, row_stride, len, n, i0, a_in + b * n * n, beta_in ? beta_in + b * n : nullptr,
-                        out + b * n * d, d, d0);
+          pullback_rows(base, row_stride, len, n, i0, ab, bb, out + b * n * d, d, d0);
       }
     }
   });
@@ -285,7 +292,7 @@ void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tens
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
-  check_rows(x, "gram");
+  check_rows(x, "gram", at::kCPU);
   const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   at::Tensor s = at::empty({x.size(0), x.size(1), x.size(1)}, opts);
   at::Tensor l1 = at::empty({x.size(0), with_l1 ? x.size(1) : 0}, opts);
@@ -293,35 +300,28 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
   return {s, l1};
 }
 
-at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta) {
-  check_rows(x, "gram_pullback");
-  const int64_t B = x.size(0), n = x.size(1);
-  const auto acc = acc_scalar_type(x.scalar_type());
-  TORCH_CHECK_VALUE(a.sizes() == at::IntArrayRef({B, n, n}) && a.scalar_type() == acc,
-                    "fastdiv::gram_pullback: a must be [", B, ", ", n, ", ", n, "] of ", acc, ", got ",
-                    a.sizes(), " of ", a.scalar_type());
+at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
+                         const std::optional<at::Tensor>& scale) {
+  constexpr const char* op = "gram_pullback";
+  check_rows(x, op, at::kCPU);
+  check_pullback_coefficients(x, a, op);
+  const at::Tensor* sc = check_pullback_scale(scale, x, op);
   const at::Tensor ac = a.contiguous();
   at::Tensor bc;
-  const bool use_beta = beta.has_value() && beta->numel() > 0;
-  if (use_beta) {
-    TORCH_CHECK_VALUE(beta->sizes() == at::IntArrayRef({B, n}) && beta->scalar_type() == acc,
-                      "fastdiv::gram_pullback: beta must be [", B, ", ", n, "] of ", acc, ", got ",
-                      beta->sizes(), " of ", beta->scalar_type());
-    bc = beta->contiguous();
-  }
+  const bool use_beta = optional_acc(beta, {x.size(0), x.size(1)}, x, op, "beta", bc) != nullptr;
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   FASTDIV_DISPATCH(x, "fastdiv::gram_pullback",
-                   [&] { pullback_kernel<scalar_t>(x, ac, use_beta ? &bc : nullptr, dx); });
+                   [&] { pullback_kernel<scalar_t>(x, ac, use_beta ? &bc : nullptr, sc, dx); });
   return dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
                                                          double eps, double jitter, double p,
                                                          double rho_max) {
-  check_rows(x, "gram_loss");
+  check_rows(x, "gram_loss", at::kCPU);
   const Head h = parse_head(head);
   const int64_t B = x.size(0), n = x.size(1);
-  TORCH_CHECK_VALUE(n >= 2, "fastdiv::gram_loss: needs n >= 2 samples, got n = ", n);
+  check_samples(x, "gram_loss");
   const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   at::Tensor loss = at::empty({B}, opts);
   at::Tensor a = at::empty({B, n, n}, opts);
@@ -332,10 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, co
 }
 
 at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {
-  check_rows(x, "concentration_stats");
-  TORCH_CHECK_VALUE(x.size(1) >= 2, "fastdiv::concentration_stats: needs n >= 2 samples, got n = ",
-                    x.size(1));
-  TORCH_CHECK_VALUE(q >= 1, "fastdiv::concentration_stats: q must be >= 1, got ", q);
+  check_rows(x, "concentration_stats", at::kCPU);
+  check_samples(x, "concentration_stats");
+  check_q(q, "concentration_stats");
   at::Tensor out = at::empty({x.size(0), 6}, x.options().dtype(acc_scalar_type(x.scalar_type())));
   const HeadParams prm{eps, jitter, 0.0, rho_max};
   FASTDIV_DISPATCH(x, "fastdiv::concentration_stats", [&] { stats_kernel<scalar_t>(x, q, prm, out); });

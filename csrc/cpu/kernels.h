@@ -14,8 +14,11 @@ namespace fastdiv::cpu {
 // Raw Gram S = X X^T [B, n, n] (acc) and, when with_l1, row l1 norms [B, n] (acc; else [B, 0]).
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1);
 
-// dX = A X + beta ⊙ sign(X) for A [B, n, n] and beta [B, n] (acc); dX has x's dtype.
-at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta);
+// dX_b = scale_b (A_b X_b + beta_b ⊙ sign(X_b)) for A [B, n, n], beta [B, n] and scale [B] (acc; scale
+// may have any stride, e.g. 0 for an expanded gradient; absent means 1); dX has x's dtype. The scale lets
+// a loss's backward pass its upstream gradient straight in instead of launching a * g, beta * g first.
+at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
+                         const std::optional<at::Tensor>& scale = std::nullopt);
 
 // Per-input loss [B] of a Gram head plus its pullback coefficients A [B, n, n] and beta [B, n]
 // (beta is [B, 0] for heads without an l1 term).
@@ -45,8 +48,5 @@ std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
                                             double lo, double hi, bool clip,
                                             const std::optional<at::Tensor>& momentum, double decay);
-
-// Argument checks shared by every op: 3-D, floating dtype, CPU, unit stride on the last dim.
-void check_rows(const at::Tensor& x, const char* op);
 
 }  // namespace fastdiv::cpu

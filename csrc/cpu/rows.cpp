@@ -211,26 +211,18 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
   });
 }
 
-void check_acc(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType acc, const char* op,
-               const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == acc, "fastdiv::", op, ": ", name,
-                    " must be ", shape, " of ", acc, ", got ", t.sizes(), " of ", t.scalar_type());
-}
-
 }  // namespace
 
 at::Tensor normalize(const at::Tensor& x, double eps) {
-  check_rows(x, "normalize");
+  check_rows(x, "normalize", at::kCPU);
   at::Tensor u = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   FASTDIV_DISPATCH(x, "fastdiv::normalize", [&] { normalize_kernel<scalar_t>(x, eps, u); });
   return u;
 }
 
 at::Tensor normalize_pullback(const at::Tensor& x, const at::Tensor& grad, double eps) {
-  check_rows(x, "normalize_pullback");
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
-                    "fastdiv::normalize_pullback: grad must match x (", x.sizes(), " of ",
-                    x.scalar_type(), "), got ", grad.sizes(), " of ", grad.scalar_type());
+  check_rows(x, "normalize_pullback", at::kCPU);
+  check_same_as_x(grad, x, "normalize_pullback", "grad");
   const at::Tensor g = grad.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   FASTDIV_DISPATCH(x, "fastdiv::normalize_pullback", [&] { normalize_pullback_kernel<scalar_t>(x, g, eps, dx); });
@@ -238,7 +230,7 @@ at::Tensor normalize_pullback(const at::Tensor& x, const at::Tensor& grad, doubl
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats(const at::Tensor& x, double eps) {
-  check_rows(x, "column_stats");
+  check_rows(x, "column_stats", at::kCPU);
   const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
   at::Tensor r = at::empty({x.size(0), x.size(1)}, opts);
   at::Tensor mean = at::empty({x.size(0), x.size(2)}, opts);
@@ -252,23 +244,15 @@ at::Tensor column_stats_pullback(const at::Tensor& x, const at::Tensor& r, const
                                  const std::optional<at::Tensor>& grad_mean,
                                  const std::optional<at::Tensor>& grad_var, double eps) {
   constexpr const char* op = "column_stats_pullback";
-  check_rows(x, op);
+  check_rows(x, op, at::kCPU);
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
-  const auto acc = acc_scalar_type(x.scalar_type());
-  check_acc(r, {B, n}, acc, op, "r");
-  check_acc(mean, {B, d}, acc, op, "mean");
-  // Contiguous copies of whichever gradients autograd produced (undefined ones count as zero).
-  auto prepare = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name,
-                     at::Tensor& keep) -> const at::Tensor* {
-    if (!g.has_value() || !g->defined()) return nullptr;
-    check_acc(*g, shape, acc, op, name);
-    keep = g->contiguous();
-    return &keep;
-  };
+  check_acc(r, {B, n}, x, op, "r");
+  check_acc(mean, {B, d}, x, op, "mean");
+  // Contiguous copies of whichever gradients autograd produced (absent ones count as zero).
   at::Tensor gr, gm, gv;
-  const at::Tensor* pgr = prepare(grad_r, {B, n}, "grad_r", gr);
-  const at::Tensor* pgm = prepare(grad_mean, {B, d}, "grad_mean", gm);
-  const at::Tensor* pgv = prepare(grad_var, {B, d}, "grad_var", gv);
+  const at::Tensor* pgr = optional_acc(grad_r, {B, n}, x, op, "grad_r", gr);
+  const at::Tensor* pgm = optional_acc(grad_mean, {B, d}, x, op, "grad_mean", gm);
+  const at::Tensor* pgv = optional_acc(grad_var, {B, d}, x, op, "grad_var", gv);
   const at::Tensor rc = r.contiguous(), mc = mean.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   FASTDIV_DISPATCH(x, "fastdiv::column_stats_pullback", [&] {

@@ -17,6 +17,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "checks.h"
+
 namespace fastdiv::cpu {
 
 constexpr int64_t kTile = 2048;
@@ -29,9 +31,6 @@ template <typename T> using acc_t = typename AccType<T>::type;
 #define FASTDIV_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
 
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 template <typename T>
 struct Rows {

@@ -1,5 +1,5 @@
 """Gram-family ops: the raw Gram, the fused per-input losses (Gram + n x n head in one read of X)
-and their shared pullback dX = A X + beta ⊙ sign(X) (DESIGN.md §2).
+and their shared pullback dX = scale (A X + beta ⊙ sign(X)) (DESIGN.md §2).
 
 ``register(ns)`` installs the fake kernels and autograd formulas for one op namespace ('fastdiv' for
 the C++ kernels, 'fastdiv_triton' for the Triton ones); the launchers take the namespace to call.
@@ -22,7 +22,7 @@ def register(ns: str) -> None:
         return x.new_empty((b, n, n), dtype=acc), x.new_empty((b, n if with_l1 else 0), dtype=acc)
 
     @torch.library.register_fake(f"{ns}::gram_pullback")
-    def _gram_pullback_fake(x, a, beta):
+    def _gram_pullback_fake(x, a, beta, scale=None):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     @torch.library.register_fake(f"{ns}::gram_loss")
@@ -63,8 +63,10 @@ def register(ns: str) -> None:
         if grad_loss is None:
             return None, None, None, None, None, None
         x, a, beta = ctx.saved_tensors
-        scaled_beta = beta * grad_loss[:, None] if beta.numel() else None
-        return ops.gram_pullback(x, a * grad_loss[:, None, None], scaled_beta), None, None, None, None, None
+        # grad_loss goes in as the kernel's per-input scale (any stride, e.g. the stride-0 expansion of
+        # loss.sum().backward()): the whole backward is this one launch, no a * g, beta * g first.
+        beta = beta if beta.numel() else None
+        return ops.gram_pullback(x, a, beta, grad_loss), None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}::gram_loss", _gram_loss_backward, setup_context=_gram_loss_setup)
     forbid_double_backward(ns, "gram_pullback")

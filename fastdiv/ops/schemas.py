@@ -6,7 +6,7 @@ list: C++ owns the ``fastdiv`` namespace, and a Triton-only install has no C++ t
 
 SCHEMAS = {
     "gram": "gram(Tensor x, bool with_l1) -> (Tensor, Tensor)",
-    "gram_pullback": "gram_pullback(Tensor x, Tensor a, Tensor? beta) -> Tensor",
+    "gram_pullback": "gram_pullback(Tensor x, Tensor a, Tensor? beta, Tensor? scale=None) -> Tensor",
     "gram_loss": "gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> "
                  "(Tensor, Tensor, Tensor)",
     "concentration_stats": "concentration_stats(Tensor x, float q, float eps, float jitter, float rho_max) -> Tensor",

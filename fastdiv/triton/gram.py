@@ -1,5 +1,6 @@
 """Triton kernels of the Gram family: the raw Gram S = X X^T (+ row l1 norms), the column resultant
-||sum_i u_i||^2 behind R_kappa / Omega_M / the MRL statistics, and the pullback dX = A X + beta ⊙ sign(X).
+||sum_i u_i||^2 behind R_kappa / Omega_M / the MRL statistics, and the pullback
+dX = scale (A X + beta ⊙ sign(X)).
 
 x is [B, n, D] with unit stride on D and any strides on B and n (the strides go to the kernels, no
 copy). Accumulation is in the "acc" dtype (fp32, fp64 for fp64 inputs), taken from the output pointer.
@@ -71,12 +72,17 @@ def _resultant_kernel(x_ptr, inv_r_ptr, sq_ptr, m_ptr, n, d, stride_b, stride_n,
 
 
 @triton.jit
-def _pullback_kernel(x_ptr, a_ptr, beta_ptr, dx_ptr, n, d, stride_b, stride_n,
-                     HAS_BETA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per (b, D tile): dX_tile = A_b X_tile + beta_b ⊙ sign(X_tile), as a sum of n
-    # rank-one updates (column j of A times row j of the tile).
+def _pullback_kernel(x_ptr, a_ptr, beta_ptr, scale_ptr, dx_ptr, n, d, stride_b, stride_n, scale_stride,
+                     HAS_BETA: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    # One program per (b, D tile): dX_tile = s_b (A_b X_tile + beta_b ⊙ sign(X_tile)), as a sum of n
+    # rank-one updates (column j of A times row j of the tile). The scale s_b (scale_ptr[b * scale_stride],
+    # any stride) multiplies the coefficients as they are loaded, not the sum: the result is then the
+    # unscaled kernel on the unfused a * s, beta * s, rounding and NaN / Inf scales included.
     acc_t = a_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + b * scale_stride)
     d0 = tl.program_id(1) * BLOCK_D
     rows = tl.arange(0, BLOCK_N)
     cols = d0 + tl.arange(0, BLOCK_D)
@@ -90,11 +96,15 @@ def _pullback_kernel(x_ptr, a_ptr, beta_ptr, dx_ptr, n, d, stride_b, stride_n,
         # sign(NaN) = 0, as (v > 0) - (v < 0) in the CPU kernel
         sgn = tl.where(tile > 0, 1.0, 0.0).to(acc_t) - tl.where(tile < 0, 1.0, 0.0).to(acc_t)
         beta = tl.load(beta_ptr + b * n + rows, mask=row_ok, other=0)
+        if HAS_SCALE:
+            beta = beta * s
         out += beta[:, None] * sgn
     a_base = a_ptr + b * n * n
     xj_ptr = base + cols  # row j, advanced as a 64-bit pointer (j * stride_n may pass 2^31)
     for j in range(n):
         aj = tl.load(a_base + rows * n + j, mask=row_ok, other=0)
+        if HAS_SCALE:
+            aj = aj * s
         xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
         out += aj[:, None] * xj[None, :]
         xj_ptr += stride_n
@@ -138,8 +148,10 @@ def _resultant(x: torch.Tensor, inv_r: torch.Tensor, store_m: bool):
     return sq, m
 
 
-def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-    """dX = A X + beta ⊙ sign(X); x.dtype, contiguous [B, n, D]."""
+def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """dX_b = scale_b (A_b X_b + beta_b ⊙ sign(X_b)); x.dtype, contiguous [B, n, D]. scale is [B] in the
+    acc dtype with any stride (read in place: an expanded stride-0 gradient is not copied)."""
     B, n, d = x.shape
     dx = torch.empty((B, n, d), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
@@ -147,11 +159,13 @@ def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None) -
     a = a.contiguous()
     has_beta = beta is not None and beta.numel() > 0
     beta_arg = beta.contiguous() if has_beta else a
+    has_scale = scale is not None
     block_n, block_d = tile_blocks(n, d)
     block_d = min(block_d, 256)
     grid = (B, triton.cdiv(d, block_d))
-    _pullback_kernel[grid](x, a, beta_arg, dx, n, d, x.stride(0), x.stride(1),
-                           HAS_BETA=has_beta, BLOCK_N=block_n, BLOCK_D=block_d)
+    _pullback_kernel[grid](x, a, beta_arg, scale if has_scale else a, dx, n, d, x.stride(0), x.stride(1),
+                           scale.stride(0) if has_scale else 0, HAS_BETA=has_beta, HAS_SCALE=has_scale,
+                           BLOCK_N=block_n, BLOCK_D=block_d)
     return dx
 
 

@@ -3,8 +3,7 @@
 // of csrc/ops.cpp run when the library is loaded). The oracle is plain ATen math in float64.
 // Built and run by CMakeLists.txt (CTest), also under AddressSanitizer + UBSan in CI.
 //
-// A tiny assertion harness instead of GoogleTest (no network in CI): every TEST is a function; an
-// EXPECT that fails prints file:line and marks the test failed; an exception escaping a test fails it.
+// The assertion harness is harness.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,96 +22,13 @@
 
 #include "cpu/kernels.h"
 #include "cpu/tile.h"  // kTile: the column tile the kernels stream X in
+#include "harness.h"
 
 namespace {
 
 namespace cpu = fastdiv::cpu;
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------- harness
-
-struct TestCase {
-  const char* name;
-  void (*fn)();
-};
-
-std::vector<TestCase>& registry() {
-  static std::vector<TestCase> tests;
-  return tests;
-}
-
-struct Register {
-  Register(const char* name, void (*fn)()) { registry().push_back({name, fn}); }
-};
-
-int g_failed_checks = 0;  // failed checks of the running test
-const char* g_test = "";
-
-void fail(const char* file, int line, const std::string& what) {
-  ++g_failed_checks;
-  if (g_failed_checks <= 20)  // keep a broken kernel from flooding the log
-    std::cerr << file << ":" << line << ": FAILED [" << g_test << "] " << what << std::endl;
-}
-
-#define TEST(name)                               \
-  void name();                                   \
-  const Register register_##name(#name, &name); \
-  void name()
-
-#define EXPECT(cond, ...)                                                               \
-  do {                                                                                  \
-    if (!(cond)) fail(__FILE__, __LINE__, c10::str("expected ", #cond, "; ", __VA_ARGS__)); \
-  } while (0)
-
-// stmt must throw c10::Error (or a subclass: ValueError, TypeError, NotImplementedError, ...).
-#define EXPECT_THROWS(stmt, ...)                                                              \
-  do {                                                                                        \
-    bool thrown_ = false;                                                                     \
-    try {                                                                                     \
-      (void)(stmt);                                                                           \
-    } catch (const c10::Error&) {                                                             \
-      thrown_ = true;                                                                         \
-    } catch (const std::exception& e) {                                                       \
-      thrown_ = true;                                                                         \
-      fail(__FILE__, __LINE__, c10::str(#stmt, " threw a non-c10::Error: ", e.what(), "; ", __VA_ARGS__)); \
-    }                                                                                         \
-    if (!thrown_) fail(__FILE__, __LINE__, c10::str(#stmt, " did not throw; ", __VA_ARGS__)); \
-  } while (0)
-
-// |actual - expected| <= rtol * scale + atol elementwise (all compared in float64). NaN anywhere in
-// actual or expected fails. scale is usually |A| |B| for a product A B, so the bound is the rounding
-// error of the computation rather than a guess relative to a possibly cancelled result.
-bool close(const Tensor& actual, const Tensor& expected, const Tensor& scale, double rtol, double atol,
-           std::string* why) {
-  if (actual.sizes() != expected.sizes()) {
-    *why = c10::str("shape ", actual.sizes(), " != expected ", expected.sizes());
-    return false;
-  }
-  if (actual.numel() == 0) return true;
-  const Tensor a = actual.to(at::kDouble), e = expected.to(at::kDouble);
-  if (!a.isfinite().all().item<bool>() || !e.isfinite().all().item<bool>()) {
-    *why = "non-finite values";
-    return false;
-  }
-  const Tensor err = (a - e).abs();
-  const Tensor excess = err - (rtol * scale.to(at::kDouble).expand_as(err) + atol);
-  const double worst = excess.max().item<double>();
-  if (worst <= 0) return true;
-  const int64_t at = excess.flatten().argmax().item<int64_t>();
-  *why = c10::str("max |actual - expected| = ", err.max().item<double>(), "; worst element ", at,
-                  ": actual ", a.flatten()[at].item<double>(), " expected ", e.flatten()[at].item<double>(),
-                  " (rtol ", rtol, ", atol ", atol, ")");
-  return false;
-}
-
-#define EXPECT_CLOSE(actual, expected, scale, rtol, atol, ...)                             \
-  do {                                                                                     \
-    std::string why_;                                                                      \
-    if (!close((actual), (expected), (scale), (rtol), (atol), &why_))                      \
-      fail(__FILE__, __LINE__, c10::str(#actual, " vs ", #expected, ": ", why_, "; ", __VA_ARGS__)); \
-  } while (0)
-
-bool all_finite(const Tensor& t) { return t.numel() == 0 || t.isfinite().all().item<bool>(); }
+using native_test::all_finite;
 
 // ----------------------------------------------------------------------------------- fixtures
 
@@ -235,7 +151,40 @@ TEST(gram_pullback_matches_aten_all_dtypes) {
                      ctx);
         const Tensor empty_beta = at::empty({B, 0}, at::TensorOptions().dtype(acc_of(dtype)));
         EXPECT(at::equal(cpu::gram_pullback(x, a, empty_beta), dx_none), ctx);
+
+        // A per-input scale s is the unscaled kernel on the coefficients a * s, beta * s, bit for bit,
+        // whatever its stride: every other element of a buffer, or the stride-0 expansion autograd hands
+        // out for loss.sum().backward().
+        const auto acc_opts = at::TensorOptions().dtype(acc_of(dtype));
+        const Tensor s = D % 2 ? at::randn({2 * B}, acc_opts).slice(0, 0, 2 * B, 2)
+                               : at::full({1}, -1.5, acc_opts).expand({B});
+        const Tensor s3 = s.unsqueeze(1).unsqueeze(2);
+        EXPECT(at::equal(cpu::gram_pullback(x, a, beta, s), cpu::gram_pullback(x, a * s3, beta * s.unsqueeze(1))),
+               "scale stride ", s.stride(0), "; ", ctx);
+        EXPECT(at::equal(cpu::gram_pullback(x, a, std::nullopt, s), cpu::gram_pullback(x, a * s3, std::nullopt)),
+               "scale, no beta; ", ctx);
       }
+}
+
+// NaN, Inf and 0 scales give what the unfused a * s, beta * s give, on the general path and on the
+// diagonal-A fast path (where 0 * Inf off the diagonal must still reach the output as NaN).
+TEST(gram_pullback_scale_special_values) {
+  const auto nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (const auto dtype : {at::kFloat, at::kDouble}) {
+    const auto acc_opts = at::TensorOptions().dtype(acc_of(dtype));
+    const Tensor x = randn_input({4, 5, 67}, dtype);
+    const Tensor a = at::randn({4, 5, 5}, acc_opts), beta = at::randn({4, 5}, acc_opts);
+    const Tensor s = at::tensor(std::vector<double>{nan, inf, 0.0, -2.0}, acc_opts);
+    for (const Tensor& coef : {a, at::diag_embed(at::diagonal(a, 0, 1, 2))}) {
+      const Tensor fused = cpu::gram_pullback(x, coef, beta, s);
+      const Tensor unfused = cpu::gram_pullback(x, coef * s.view({4, 1, 1}), beta * s.view({4, 1}));
+      const auto ctx = c10::str(dtype, coef.equal(a) ? " general" : " diagonal");
+      EXPECT(at::equal(fused.isnan(), unfused.isnan()) && at::equal(fused.nan_to_num(0), unfused.nan_to_num(0)),
+             ctx);
+      EXPECT(fused[0].isnan().all().item<bool>() && fused[1].isnan().any().item<bool>(), "NaN / Inf scale; ", ctx);
+      EXPECT(at::equal(fused[2], at::zeros_like(fused[2])) && all_finite(fused[3]), "0 / finite scale; ", ctx);
+    }
+  }
 }
 
 // -------------------------------------------------------------------------------------- heads
@@ -676,6 +625,15 @@ TEST(bad_inputs_throw_c10_error) {
                 "A dtype");
   EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), at::randn({2, 4}, acc)), "beta shape");
   EXPECT_THROWS(cpu::gram_pullback(at::randn({6, 8}), at::randn({2, 3, 3}, acc), std::nullopt), "2-D");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), std::nullopt, at::randn({3}, acc)),
+                "scale shape");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), std::nullopt, at::randn({2, 1}, acc)),
+                "2-D scale");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), std::nullopt,
+                                   at::randn({2}, at::TensorOptions().dtype(at::kDouble))),
+                "scale dtype");
+  EXPECT_THROWS(cpu::gram_pullback(good, at::randn({2, 3, 3}, acc), std::nullopt, at::empty({0}, acc)),
+                "empty scale");
   EXPECT_THROWS(cpu::concentration_stats(good, 0.5, kEps, kJitter, kRhoMax), "q < 1");
   EXPECT_THROWS(cpu::concentration_stats(at::randn({2, 1, 8}), 1.0, kEps, kJitter, kRhoMax), "n = 1");
   EXPECT_THROWS(cpu::normalize(at::randn({3, 8}), kEps), "2-D");
@@ -733,13 +691,21 @@ TEST(dispatcher_calls_match_direct_calls) {
 
   const auto& pull_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::gram_pullback", "");
   const auto [l, a, b] = loss_of(x, "sparsity");
-  std::vector<c10::IValue> pstack{x, a, b};
+  // A boxed stack carries every argument, the defaulted Tensor? scale=None included.
+  std::vector<c10::IValue> pstack{x, a, b, c10::IValue()};
   pull_op.callBoxed(&pstack);
   EXPECT(pstack.size() == 1 && at::equal(pstack[0].toTensor(), cpu::gram_pullback(x, a, b)), "boxed pullback");
-  std::vector<c10::IValue> nstack{x, a, c10::IValue()};  // Tensor? beta = None
+  std::vector<c10::IValue> nstack{x, a, c10::IValue(), c10::IValue()};  // Tensor? beta = None
   pull_op.callBoxed(&nstack);
   EXPECT(nstack.size() == 1 && at::equal(nstack[0].toTensor(), cpu::gram_pullback(x, a, std::nullopt)),
          "boxed pullback, beta None");
+  const Tensor grad_loss = at::full({1}, 0.25, x.options()).expand({x.size(0)});  // stride 0, as from .sum()
+  std::vector<c10::IValue> sstack{x, a, b, grad_loss};
+  pull_op.callBoxed(&sstack);
+  EXPECT(sstack.size() == 1 && at::equal(sstack[0].toTensor(), cpu::gram_pullback(x, a * 0.25, b * 0.25)),
+         "boxed pullback, scale");
+  std::vector<c10::IValue> bad_stack{x, a, b, at::ones({x.size(0) + 1}, x.options())};
+  EXPECT_THROWS(pull_op.callBoxed(&bad_stack), "bad scale via dispatcher");
 
   const auto& norm_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::normalize", "");
   std::vector<c10::IValue> ustack{x, kEps};
@@ -749,30 +715,4 @@ TEST(dispatcher_calls_match_direct_calls) {
 
 }  // namespace
 
-int main() {
-  // FASTDIV_TEST_SEED reruns the suite on other random inputs (the tolerances must hold for any).
-  const char* seed = std::getenv("FASTDIV_TEST_SEED");
-  at::manual_seed(seed ? std::strtoull(seed, nullptr, 10) : 0);
-  // At least two threads even on a one-core machine, so the parallel_for paths really split.
-  if (at::get_num_threads() < 2) at::set_num_threads(2);
-  std::cout << "ATen threads: " << at::get_num_threads() << std::endl;
-  int passed = 0, failed = 0;
-  for (const auto& t : registry()) {
-    g_test = t.name;
-    g_failed_checks = 0;
-    try {
-      t.fn();
-    } catch (const std::exception& e) {
-      fail(__FILE__, __LINE__, c10::str("unexpected exception: ", e.what()));
-    }
-    if (g_failed_checks == 0) {
-      ++passed;
-      std::cout << "[ OK ] " << t.name << std::endl;
-    } else {
-      ++failed;
-      std::cout << "[FAIL] " << t.name << " (" << g_failed_checks << " failed checks)" << std::endl;
-    }
-  }
-  std::cout << "native tests: " << passed << " passed, " << failed << " failed" << std::endl;
-  return failed == 0 && passed > 0 ? 0 : 1;
-}
+int main() { return native_test::run_all_tests(); }

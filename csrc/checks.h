@@ -1,0 +1,121 @@
+// Argument checks of the fastdiv ops, shared by the CPU registrations (csrc/cpu/) and the CUDA ones
+// (csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message. Every tensor argument
+// must be on the device of the op's main input; coefficient and statistic tensors have the accumulation
+// dtype (fp64 for fp64 inputs, fp32 otherwise).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fastdiv {
+
+// Half-precision inputs accumulate in fp32; fp64 inputs accumulate in fp64.
+inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// x is [B, n, D], float32/float64/float16/bfloat16, on a `device` tensor, unit stride on D.
+inline void check_rows(const at::Tensor& x, const char* op, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(x.dim() == 3, "fastdiv::", op, ": x must be [B, n, D], got ", x.dim(), " dims");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                       x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   "fastdiv::", op, ": x must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().type() == device, "fastdiv::", op, ": expected a ", c10::DeviceTypeName(device),
+                    " tensor, got ", x.device());
+  TORCH_CHECK_VALUE(x.size(2) <= 1 || x.stride(2) == 1, "fastdiv::", op,
+                    ": x needs unit stride on the feature dim, got stride ", x.stride(2));
+}
+
+// t has the given shape, the accumulation dtype of x and x's device.
+inline void check_acc(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& x, const char* op,
+                      const char* name) {
+  const auto acc = acc_scalar_type(x.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == acc, "fastdiv::", op, ": ", name, " must be ",
+                    shape, " of ", acc, ", got ", t.sizes(), " of ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fastdiv::", op, ": ", name, " must be on ", x.device(),
+                    " like x, got ", t.device());
+}
+
+// A present, non-empty optional tensor checked as check_acc; nullptr when absent, undefined or empty
+// (absent gradients and coefficients count as zero). keep holds the contiguous copy.
+inline const at::Tensor* optional_acc(const std::optional<at::Tensor>& t, at::IntArrayRef shape, const at::Tensor& x,
+                                      const char* op, const char* name, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return nullptr;
+  check_acc(*t, shape, x, op, name);
+  keep = t->contiguous();
+  return &keep;
+}
+
+// gram_pullback's coefficients: a [B, n, n] and, optionally, beta [B, n] (acc, x's device).
+inline void check_pullback_coefficients(const at::Tensor& x, const at::Tensor& a, const char* op) {
+  check_acc(a, {x.size(0), x.size(1), x.size(1)}, x, op, "a");
+}
+
+// gram_pullback's optional per-input scale [B] (acc, x's device), the upstream gradient of a per-input
+// loss. Any stride is accepted and no copy is made: autograd often hands an expanded (stride 0) gradient,
+// so the kernels read scale[b * stride(0)]. nullptr when absent or undefined (no scaling). Unlike beta,
+// an empty scale is not "absent": it must still be [B] (so [0] only for B = 0).
+inline const at::Tensor* check_pullback_scale(const std::optional<at::Tensor>& scale, const at::Tensor& x,
+                                              const char* op) {
+  if (!scale.has_value() || !scale->defined()) return nullptr;
+  check_acc(*scale, {x.size(0)}, x, op, "scale");
+  return &*scale;
+}
+
+inline void check_samples(const at::Tensor& x, const char* op) {
+  TORCH_CHECK_VALUE(x.size(1) >= 2, "fastdiv::", op, ": needs n >= 2 samples, got n = ", x.size(1));
+}
+
+inline void check_q(double q, const char* op) {
+  TORCH_CHECK_VALUE(q >= 1, "fastdiv::", op, ": q must be >= 1, got ", q);
+}
+
+// normalize_pullback: grad matches x in shape and dtype (and device).
+inline void check_same_as_x(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), "fastdiv::", op, ": ", name,
+                    " must match x (", x.sizes(), " of ", x.scalar_type(), "), got ", t.sizes(), " of ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fastdiv::", op, ": ", name, " must be on ", x.device(),
+                    " like x, got ", t.device());
+}
+
+// ---- eot_step: grads [B, n, D] (checked by check_rows), x and x0 [B, D] ----
+
+inline void check_eot_features(const at::Tensor& t, const at::Tensor& grads, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == grads.size(0) && t.size(1) == grads.size(2), "fastdiv::eot_step: ",
+                    name, " must be [B, D] = [", grads.size(0), ", ", grads.size(2), "], got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == grads.scalar_type(), "fastdiv::eot_step: ", name,
+                   " must have grads' dtype ", grads.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == grads.device(), "fastdiv::eot_step: ", name, " must be on ", grads.device(),
+                    " like grads, got ", t.device());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, "fastdiv::eot_step: ", name,
+                    " needs unit stride on the feature dim, got stride ", t.stride(1));
+}
+
+// alpha / eps: [B] of the accumulation dtype on grads' device; returned contiguous.
+inline at::Tensor eot_per_example(const at::Tensor& t, const at::Tensor& grads, const char* name) {
+  const int64_t B = grads.size(0);
+  const auto acc = acc_scalar_type(grads.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.scalar_type() == acc && t.device() == grads.device(),
+                    "fastdiv::eot_step: ", name, " must be a [", B, "] tensor of ", acc, " on ", grads.device(),
+                    ", got ", t.sizes(), " of ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+inline void check_eot_norm(const std::string& norm) {
+  TORCH_CHECK_VALUE(norm == "linf" || norm == "l2", "fastdiv::eot_step: norm must be 'linf' or 'l2', got '", norm,
+                    "'");
+}
+
+// momentum [B, D] of the accumulation dtype on grads' device; returned with unit stride on D.
+inline at::Tensor eot_momentum(const at::Tensor& m, const at::Tensor& grads) {
+  const int64_t B = grads.size(0), d = grads.size(2);
+  const auto acc = acc_scalar_type(grads.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == d && m.scalar_type() == acc &&
+                        m.device() == grads.device(),
+                    "fastdiv::eot_step: momentum must be a [", B, ", ", d, "] tensor of ", acc, " on ",
+                    grads.device(), ", got ", m.sizes(), " of ", m.scalar_type(), " on ", m.device());
+  return (d > 1 && m.stride(1) != 1) ? m.contiguous() : m;
+}
+
+}  // namespace fastdiv
