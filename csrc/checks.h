@@ -1,5 +1,6 @@
 // Argument checks of the fastdiv ops, shared by the CPU registrations (csrc/cpu/) and the CUDA ones
-// (csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message. Every tensor argument
+// (csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message; for the ops with many
+// arguments also the preparation of the inputs and the allocation of the outputs (prepare_*). Every tensor argument
 // must be on the device of the op's main input; coefficient and statistic tensors have the accumulation
 // dtype (fp64 for fp64 inputs, fp32 otherwise).
 #pragma once
@@ -8,6 +9,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <tuple>
 
 namespace fastdiv {
 
@@ -116,6 +119,75 @@ inline at::Tensor eot_momentum(const at::Tensor& m, const at::Tensor& grads) {
                     "fastdiv::eot_step: momentum must be a [", B, ", ", d, "] tensor of ", acc, " on ",
                     grads.device(), ", got ", m.sizes(), " of ", m.scalar_type(), " on ", m.device());
   return (d > 1 && m.stride(1) != 1) ? m.contiguous() : m;
+}
+
+// ---- prepared arguments and allocated outputs of the ops with many arguments ----
+
+inline at::Tensor contiguous_like(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// eot_step: alpha, eps contiguous [B]; momentum (undefined when absent) with unit stride on D; out [B, D]
+// of x's dtype and the new momentum [B, D] acc ([B, 0] without momentum), both contiguous.
+struct EotStepArgs {
+  at::Tensor alpha, eps, momentum, out, momentum_out;
+  bool l2 = false;
+};
+
+inline EotStepArgs prepare_eot_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
+                                    const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
+                                    const std::optional<at::Tensor>& momentum, c10::DeviceType device) {
+  check_rows(grads, "eot_step", device);
+  const int64_t B = grads.size(0), d = grads.size(2);
+  TORCH_CHECK_VALUE(grads.size(1) >= 1, "fastdiv::eot_step: grads needs at least one sample, got [B, n, D] = ",
+                    grads.sizes());
+  check_eot_norm(norm);
+  check_eot_features(x, grads, "x");
+  check_eot_features(x0, grads, "x0");
+  EotStepArgs args;
+  args.l2 = norm == "l2";
+  args.alpha = eot_per_example(alpha, grads, "alpha");
+  args.eps = eot_per_example(eps, grads, "eps");
+  const bool has_m = momentum.has_value() && momentum->defined();
+  if (has_m) args.momentum = eot_momentum(*momentum, grads);
+  const auto acc = acc_scalar_type(grads.scalar_type());
+  args.out = at::empty({B, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  args.momentum_out = at::empty({B, has_m ? d : 0}, x.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  return args;
+}
+
+// column_stats: r [B, n], mean and var [B, D], all acc.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_column_stats(const at::Tensor& x) {
+  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  return {at::empty({x.size(0), x.size(1)}, opts), at::empty({x.size(0), x.size(2)}, opts),
+          at::empty({x.size(0), x.size(2)}, opts)};
+}
+
+// column_stats_pullback: r, mean contiguous; the gradients autograd produced as contiguous copies
+// (undefined when absent: they count as zero); dx contiguous like x.
+struct ColumnStatsPullbackArgs {
+  at::Tensor r, mean, grad_r, grad_mean, grad_var, dx;
+};
+
+inline ColumnStatsPullbackArgs prepare_column_stats_pullback(const at::Tensor& x, const at::Tensor& r,
+                                                             const at::Tensor& mean,
+                                                             const std::optional<at::Tensor>& grad_r,
+                                                             const std::optional<at::Tensor>& grad_mean,
+                                                             const std::optional<at::Tensor>& grad_var,
+                                                             c10::DeviceType device) {
+  constexpr const char* op = "column_stats_pullback";
+  check_rows(x, op, device);
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
+  check_acc(r, {B, n}, x, op, "r");
+  check_acc(mean, {B, d}, x, op, "mean");
+  ColumnStatsPullbackArgs args;
+  optional_acc(grad_r, {B, n}, x, op, "grad_r", args.grad_r);
+  optional_acc(grad_mean, {B, d}, x, op, "grad_mean", args.grad_mean);
+  optional_acc(grad_var, {B, d}, x, op, "grad_var", args.grad_var);
+  args.r = r.contiguous();
+  args.mean = mean.contiguous();
+  args.dx = contiguous_like(x);
+  return args;
 }
 
 }  // namespace fastdiv

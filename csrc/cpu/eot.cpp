@@ -151,25 +151,14 @@ std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
                                             double lo, double hi, bool clip,
                                             const std::optional<at::Tensor>& momentum, double decay) {
-  check_rows(grads, "eot_step", at::kCPU);
-  const int64_t B = grads.size(0), n = grads.size(1), d = grads.size(2);
-  TORCH_CHECK_VALUE(n >= 1, "fastdiv::eot_step: grads needs at least one sample, got [B, n, D] = ", grads.sizes());
-  check_eot_norm(norm);
-  check_eot_features(x, grads, "x");
-  check_eot_features(x0, grads, "x0");
-  const auto acc = acc_scalar_type(grads.scalar_type());
-  const at::Tensor a = eot_per_example(alpha, grads, "alpha");
-  const at::Tensor e = eot_per_example(eps, grads, "eps");
-  const bool has_m = momentum.has_value() && momentum->defined();
-  const at::Tensor m = has_m ? eot_momentum(*momentum, grads) : at::Tensor();
-  at::Tensor out = at::empty({B, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor m_out = at::empty({B, has_m ? d : 0}, x.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
-  if (B == 0 || d == 0) return {out, m_out};
+  EotStepArgs args = prepare_eot_step(x, x0, grads, alpha, eps, norm, momentum, at::kCPU);
+  const bool has_m = args.momentum.defined();
+  if (args.out.numel() == 0) return {args.out, args.momentum_out};
   FASTDIV_DISPATCH(grads, "fastdiv::eot_step", [&] {
-    eot_kernel<scalar_t>(x, x0, grads, a, e, norm == "l2", lo, hi, clip, has_m ? &m : nullptr, decay, out,
-                         has_m ? &m_out : nullptr);
+    eot_kernel<scalar_t>(x, x0, grads, args.alpha, args.eps, args.l2, lo, hi, clip, has_m ? &args.momentum : nullptr,
+                         decay, args.out, has_m ? &args.momentum_out : nullptr);
   });
-  return {out, m_out};
+  return {args.out, args.momentum_out};
 }
 
 }  // namespace fastdiv::cpu

@@ -215,7 +215,7 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
 
 at::Tensor normalize(const at::Tensor& x, double eps) {
   check_rows(x, "normalize", at::kCPU);
-  at::Tensor u = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor u = contiguous_like(x);
   FASTDIV_DISPATCH(x, "fastdiv::normalize", [&] { normalize_kernel<scalar_t>(x, eps, u); });
   return u;
 }
@@ -224,17 +224,14 @@ at::Tensor normalize_pullback(const at::Tensor& x, const at::Tensor& grad, doubl
   check_rows(x, "normalize_pullback", at::kCPU);
   check_same_as_x(grad, x, "normalize_pullback", "grad");
   const at::Tensor g = grad.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = contiguous_like(x);
   FASTDIV_DISPATCH(x, "fastdiv::normalize_pullback", [&] { normalize_pullback_kernel<scalar_t>(x, g, eps, dx); });
   return dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats(const at::Tensor& x, double eps) {
   check_rows(x, "column_stats", at::kCPU);
-  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
-  at::Tensor r = at::empty({x.size(0), x.size(1)}, opts);
-  at::Tensor mean = at::empty({x.size(0), x.size(2)}, opts);
-  at::Tensor var = at::empty({x.size(0), x.size(2)}, opts);
+  auto [r, mean, var] = allocate_column_stats(x);
   FASTDIV_DISPATCH(x, "fastdiv::column_stats", [&] { column_stats_kernel<scalar_t>(x, eps, r, mean, var); });
   return {r, mean, var};
 }
@@ -243,22 +240,13 @@ at::Tensor column_stats_pullback(const at::Tensor& x, const at::Tensor& r, const
                                  const std::optional<at::Tensor>& grad_r,
                                  const std::optional<at::Tensor>& grad_mean,
                                  const std::optional<at::Tensor>& grad_var, double eps) {
-  constexpr const char* op = "column_stats_pullback";
-  check_rows(x, op, at::kCPU);
-  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
-  check_acc(r, {B, n}, x, op, "r");
-  check_acc(mean, {B, d}, x, op, "mean");
-  // Contiguous copies of whichever gradients autograd produced (absent ones count as zero).
-  at::Tensor gr, gm, gv;
-  const at::Tensor* pgr = optional_acc(grad_r, {B, n}, x, op, "grad_r", gr);
-  const at::Tensor* pgm = optional_acc(grad_mean, {B, d}, x, op, "grad_mean", gm);
-  const at::Tensor* pgv = optional_acc(grad_var, {B, d}, x, op, "grad_var", gv);
-  const at::Tensor rc = r.contiguous(), mc = mean.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  ColumnStatsPullbackArgs args = prepare_column_stats_pullback(x, r, mean, grad_r, grad_mean, grad_var, at::kCPU);
+  auto given = [](const at::Tensor& t) { return t.defined() ? &t : nullptr; };
   FASTDIV_DISPATCH(x, "fastdiv::column_stats_pullback", [&] {
-    column_stats_pullback_kernel<scalar_t>(x, rc, mc, pgr, pgm, pgv, eps, dx);
+    column_stats_pullback_kernel<scalar_t>(x, args.r, args.mean, given(args.grad_r), given(args.grad_mean),
+                                           given(args.grad_var), eps, args.dx);
   });
-  return dx;
+  return args.dx;
 }
 
 }  // namespace fastdiv::cpu

@@ -15,7 +15,7 @@ namespace {
 at::Tensor normalize_cuda(const at::Tensor& x, double eps) {
   check_rows(x, "normalize", at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor u = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor u = contiguous_like(x);
   check_launch(normalize(rows_view(x), eps, u.data_ptr(), current_stream()), "normalize");
   return u;
 }
@@ -25,7 +25,7 @@ at::Tensor normalize_pullback_cuda(const at::Tensor& x, const at::Tensor& grad, 
   check_same_as_x(grad, x, "normalize_pullback", "grad");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor g = grad.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = contiguous_like(x);
   check_launch(normalize_pullback(rows_view(x), g.data_ptr(), eps, dx.data_ptr(), current_stream()),
                "normalize_pullback");
   return dx;
@@ -34,10 +34,7 @@ at::Tensor normalize_pullback_cuda(const at::Tensor& x, const at::Tensor& grad, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats_cuda(const at::Tensor& x, double eps) {
   check_rows(x, "column_stats", at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
-  at::Tensor r = at::empty({x.size(0), x.size(1)}, opts);
-  at::Tensor mean = at::empty({x.size(0), x.size(2)}, opts);
-  at::Tensor var = at::empty({x.size(0), x.size(2)}, opts);
+  auto [r, mean, var] = allocate_column_stats(x);
   check_launch(column_stats(rows_view(x), eps, r.data_ptr(), mean.data_ptr(), var.data_ptr(), current_stream()),
                "column_stats");
   return {r, mean, var};
@@ -47,24 +44,14 @@ at::Tensor column_stats_pullback_cuda(const at::Tensor& x, const at::Tensor& r, 
                                       const std::optional<at::Tensor>& grad_r,
                                       const std::optional<at::Tensor>& grad_mean,
                                       const std::optional<at::Tensor>& grad_var, double eps) {
-  constexpr const char* op = "column_stats_pullback";
-  check_rows(x, op, at::kCUDA);
-  const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
-  check_acc(r, {B, n}, x, op, "r");
-  check_acc(mean, {B, d}, x, op, "mean");
+  ColumnStatsPullbackArgs args = prepare_column_stats_pullback(x, r, mean, grad_r, grad_mean, grad_var, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  // Contiguous copies of whichever gradients autograd produced (absent ones count as zero: null).
-  at::Tensor gr, gm, gv;
-  const at::Tensor* pgr = optional_acc(grad_r, {B, n}, x, op, "grad_r", gr);
-  const at::Tensor* pgm = optional_acc(grad_mean, {B, d}, x, op, "grad_mean", gm);
-  const at::Tensor* pgv = optional_acc(grad_var, {B, d}, x, op, "grad_var", gv);
-  const at::Tensor rc = r.contiguous(), mc = mean.contiguous();
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  auto ptr = [](const at::Tensor* t) -> const void* { return t ? t->data_ptr() : nullptr; };
-  check_launch(column_stats_pullback(rows_view(x), rc.data_ptr(), mc.data_ptr(), ptr(pgr), ptr(pgm), ptr(pgv), eps,
-                                     dx.data_ptr(), current_stream()),
-               op);
-  return dx;
+  auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
+  check_launch(column_stats_pullback(rows_view(x), args.r.data_ptr(), args.mean.data_ptr(), ptr(args.grad_r),
+                                     ptr(args.grad_mean), ptr(args.grad_var), eps, args.dx.data_ptr(),
+                                     current_stream()),
+               "column_stats_pullback");
+  return args.dx;
 }
 
 }  // namespace

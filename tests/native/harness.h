@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -101,6 +102,24 @@ inline bool close(const Tensor& actual, const Tensor& expected, const Tensor& sc
 inline bool all_finite(const Tensor& t) { return t.numel() == 0 || t.isfinite().all().item<bool>(); }
 
 
+// ------------------------------------------------------------------ tolerances of the kernel tests
+
+inline at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Relative rounding of sums of D terms in the accumulation type, against the sum of |terms|: the
+// worst case D * u is 1e-4 at D = 1700 in fp32, the typical sqrt(D) * u far below it for all D here.
+inline double acc_rtol(at::ScalarType t) { return t == at::kDouble ? 1e-12 : 1e-4; }
+// Relative rounding of a value stored in dtype t after a few accumulation-type operations.
+inline double out_rtol(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return 1e-12;
+    case at::kFloat: return 2e-5;
+    case at::kHalf: return 2e-3;        // unit roundoff 2^-11
+    case at::kBFloat16: return 1.6e-2;  // unit roundoff 2^-8
+    default: return 0;
+  }
+}
+
 // Runs every registered test; 0 when all passed (and there was at least one).
 inline int run_all_tests() {
   // FASTDIV_TEST_SEED reruns the suite on other random inputs (the tolerances must hold for any).
@@ -113,17 +132,20 @@ inline int run_all_tests() {
   for (const auto& t : registry()) {
     g_test = t.name;
     g_failed_checks = 0;
+    const auto start = std::chrono::steady_clock::now();
     try {
       t.fn();
     } catch (const std::exception& e) {
       fail(__FILE__, __LINE__, c10::str("unexpected exception: ", e.what()));
     }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (g_failed_checks == 0) {
       ++passed;
-      std::cout << "[ OK ] " << t.name << std::endl;
+      std::cout << "[ OK ] " << t.name << " (" << seconds << " s)" << std::endl;
     } else {
       ++failed;
-      std::cout << "[FAIL] " << t.name << " (" << g_failed_checks << " failed checks)" << std::endl;
+      std::cout << "[FAIL] " << t.name << " (" << g_failed_checks << " failed checks, " << seconds << " s)"
+                << std::endl;
     }
   }
   std::cout << "native tests: " << passed << " passed, " << failed << " failed" << std::endl;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "emulation.h"
 #include "harness.h"
 // last: the emulation defines threadIdx, __shared__, ... as macros
 #include "cuda/eot.cu"
@@ -32,16 +33,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
 
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-fc::DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return fc::DType::kFloat32;
-    case at::kDouble: return fc::DType::kFloat64;
-    case at::kHalf: return fc::DType::kFloat16;
-    default: return fc::DType::kBFloat16;
-  }
-}
+using native_test::acc_of;
 
 // Tolerance of x_new relative to |x0| + |x_new| + |delta| (the rounding scale of x0 + delta): one
 // storage ulp for half precision (a value within an fp32 ulp of a rounding boundary may round the other
@@ -151,9 +143,9 @@ std::tuple<Tensor, Tensor> run_emulated(const Case& c, cudaError_t* status = nul
   const bool has_m = c.m.has_value(), l2 = c.norm == "l2";
   Tensor out = at::full({B, d}, kNaN, at::TensorOptions().dtype(dtype));
   Tensor m_out = at::full({B, has_m ? d : 0}, kNaN, at::TensorOptions().dtype(acc_of(dtype)));
-  const int64_t ws_bytes = fc::eot_step_workspace_bytes(dtype_of(dtype), B, d, l2, has_m);
+  const int64_t ws_bytes = fc::eot_step_workspace_bytes(native_test::cuda_dtype(dtype), B, d, l2, has_m);
   Tensor ws = at::full({ws_bytes}, 0xFF, at::TensorOptions().dtype(at::kByte));
-  const fc::RowsView rows{c.g.const_data_ptr(), dtype_of(dtype), B, n, d, c.g.stride(0), c.g.stride(1)};
+  const fc::RowsView rows{c.g.const_data_ptr(), native_test::cuda_dtype(dtype), B, n, d, c.g.stride(0), c.g.stride(1)};
   const cudaError_t err = fc::eot_step(
       rows, c.x.const_data_ptr(), c.x.stride(0), c.x0.const_data_ptr(), c.x0.stride(0), c.alpha.const_data_ptr(),
       c.eps.const_data_ptr(), l2, c.lo, c.hi, c.clip, has_m ? c.m->const_data_ptr() : nullptr,

@@ -13,6 +13,7 @@
 #include "cpu/heads.h"
 #include "cpu/kernels.h"
 #include "cuda/gram.cu"
+#include "emulation.h"
 #include "harness.h"
 
 namespace {
@@ -34,20 +35,6 @@ struct Shape {
 const std::vector<Shape> kShapes = {{3, 2, 7},  {2, 3, 1},   {2, 10, 300}, {1, 17, 33},
                                     {1, 32, 70}, {2, 33, 40}, {1, 40, 600}};
 
-cuda::DType dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    default: return cuda::DType::kBFloat16;
-  }
-}
-
-cuda::RowsView view_of(const Tensor& x) {
-  return cuda::RowsView{x.data_ptr(), dtype_of(x.scalar_type()), x.size(0), x.size(1), x.size(2), x.stride(0),
-                        x.stride(1)};
-}
-
 at::TensorOptions acc_options(const Tensor& x) {
   return x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
@@ -68,7 +55,7 @@ bool same_bits(const Tensor& a, const Tensor& b) {
 std::tuple<Tensor, Tensor> cuda_gram(const Tensor& x, bool with_l1) {
   Tensor s = at::full({x.size(0), x.size(1), x.size(1)}, NAN, acc_options(x));
   Tensor l1 = at::full({x.size(0), with_l1 ? x.size(1) : 0}, NAN, acc_options(x));
-  const cudaError_t err = cuda::gram(view_of(x), s.data_ptr(), with_l1 ? l1.data_ptr() : nullptr, nullptr);
+  const cudaError_t err = cuda::gram(native_test::rows_view_of(x), s.data_ptr(), with_l1 ? l1.data_ptr() : nullptr, nullptr);
   EXPECT(err == cudaSuccess, "gram launch: ", static_cast<int>(err));
   return {s, l1};
 }
@@ -81,7 +68,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_loss(const Tensor& x, const std::string&
   const int64_t beta_n = h == fastdiv::heads::Head::kSparsity ? n : 0;
   Tensor beta = at::full({B, beta_n}, NAN, acc_options(x));
   std::vector<unsigned char> ws(cuda::gram_workspace_bytes(B, n));
-  const cudaError_t err = cuda::gram_loss(view_of(x), h, fastdiv::heads::Params{kEps, kJitter, p, kRhoMax},
+  const cudaError_t err = cuda::gram_loss(native_test::rows_view_of(x), h, fastdiv::heads::Params{kEps, kJitter, p, kRhoMax},
                                           loss.data_ptr(), a.data_ptr(), beta.numel() ? beta.data_ptr() : nullptr,
                                           ws.empty() ? nullptr : ws.data(), nullptr);
   EXPECT(err == cudaSuccess, "gram_loss launch: ", static_cast<int>(err));
@@ -91,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_loss(const Tensor& x, const std::string&
 Tensor cuda_stats(const Tensor& x, double q) {
   Tensor out = at::full({x.size(0), 6}, NAN, acc_options(x));
   std::vector<unsigned char> ws(cuda::gram_workspace_bytes(x.size(0), x.size(1)));
-  const cudaError_t err = cuda::concentration_stats(view_of(x), q, fastdiv::heads::Params{kEps, kJitter, 0.0, kRhoMax},
+  const cudaError_t err = cuda::concentration_stats(native_test::rows_view_of(x), q, fastdiv::heads::Params{kEps, kJitter, 0.0, kRhoMax},
                                                     out.data_ptr(), ws.empty() ? nullptr : ws.data(), nullptr);
   EXPECT(err == cudaSuccess, "concentration_stats launch: ", static_cast<int>(err));
   return out;
@@ -100,7 +87,7 @@ Tensor cuda_stats(const Tensor& x, double q) {
 Tensor cuda_pullback(const Tensor& x, const Tensor& a, const Tensor* beta, const Tensor* scale) {
   Tensor dx = at::full(x.sizes(), NAN, x.options().memory_format(at::MemoryFormat::Contiguous));
   const cudaError_t err =
-      cuda::gram_pullback(view_of(x), a.data_ptr(), beta ? beta->data_ptr() : nullptr,
+      cuda::gram_pullback(native_test::rows_view_of(x), a.data_ptr(), beta ? beta->data_ptr() : nullptr,
                           scale ? scale->data_ptr() : nullptr, scale ? scale->stride(0) : 0, dx.data_ptr(), nullptr);
   EXPECT(err == cudaSuccess, "pullback launch: ", static_cast<int>(err));
   return dx;
@@ -252,7 +239,7 @@ TEST(zero_duplicate_and_nan_rows) {
 
 TEST(empty_inputs) {
   const Tensor x0 = at::randn({0, 4, 9});
-  EXPECT(cuda::gram_loss(view_of(x0), fastdiv::heads::Head::kDpp, fastdiv::heads::Params{kEps, kJitter, 0, kRhoMax},
+  EXPECT(cuda::gram_loss(native_test::rows_view_of(x0), fastdiv::heads::Head::kDpp, fastdiv::heads::Params{kEps, kJitter, 0, kRhoMax},
                          nullptr, nullptr, nullptr, nullptr, nullptr) == cudaSuccess,
          "B = 0 launches nothing");
   EXPECT(cuda::gram_workspace_bytes(0, 40) == 0, "no workspace for B = 0");

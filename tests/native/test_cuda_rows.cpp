@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "emulation.h"
 #include "harness.h"
 // Last: the emulation defines threadIdx, __shared__, ... as macros.
 #include "cuda/rows.cu"
@@ -33,37 +34,11 @@ constexpr double kEps = 1e-12;  // fastdiv.reference.EPS
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
 
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Relative rounding of sums of D terms in the accumulation type (as test_kernels.cpp): the GPU and the
-// CPU add them in different orders.
-double acc_rtol(at::ScalarType t) { return t == at::kDouble ? 1e-12 : 1e-4; }
-// Relative rounding of a value stored in dtype t: the two may round a value either side of a boundary.
-double out_rtol(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return 1e-12;
-    case at::kFloat: return 2e-5;
-    case at::kHalf: return 2e-3;        // unit roundoff 2^-11
-    case at::kBFloat16: return 1.6e-2;  // unit roundoff 2^-8
-    default: return 0;
-  }
-}
+using native_test::acc_of;
+using native_test::acc_rtol;
+using native_test::out_rtol;
 // Absolute slack for values stored in half precision near their subnormal range.
 double out_atol(at::ScalarType t) { return t == at::kDouble ? 0.0 : 1e-7; }
-
-gpu::DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return gpu::DType::kFloat32;
-    case at::kDouble: return gpu::DType::kFloat64;
-    case at::kHalf: return gpu::DType::kFloat16;
-    case at::kBFloat16: return gpu::DType::kBFloat16;
-    default: TORCH_CHECK(false, "no DType for ", t.scalar_type());
-  }
-}
-
-gpu::RowsView view_of(const Tensor& x) {
-  return gpu::RowsView{x.data_ptr(), dtype_of(x), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1)};
-}
 
 Tensor randn_input(at::IntArrayRef shape, at::ScalarType dtype) {
   return at::randn(shape, at::TensorOptions().dtype(at::kDouble)).to(dtype);
@@ -78,14 +53,14 @@ const void* ptr_or_null(const OptTensor& t) { return t ? t->data_ptr() : nullptr
 
 Tensor gpu_normalize(const Tensor& x, const std::string& ctx) {
   Tensor u = at::full(x.sizes(), kNaN, x.options());
-  EXPECT(gpu::normalize(view_of(x), kEps, u.data_ptr(), nullptr) == cudaSuccess, "normalize launch; ", ctx);
+  EXPECT(gpu::normalize(native_test::rows_view_of(x), kEps, u.data_ptr(), nullptr) == cudaSuccess, "normalize launch; ", ctx);
   return u;
 }
 
 Tensor gpu_normalize_pullback(const Tensor& x, const Tensor& g, const std::string& ctx) {
   Tensor dx = at::full(x.sizes(), kNaN, x.options());
   const Tensor gc = g.contiguous();
-  EXPECT(gpu::normalize_pullback(view_of(x), gc.data_ptr(), kEps, dx.data_ptr(), nullptr) == cudaSuccess,
+  EXPECT(gpu::normalize_pullback(native_test::rows_view_of(x), gc.data_ptr(), kEps, dx.data_ptr(), nullptr) == cudaSuccess,
          "normalize_pullback launch; ", ctx);
   return dx;
 }
@@ -95,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> gpu_column_stats(const Tensor& x, const std::
   Tensor r = at::full({x.size(0), x.size(1)}, kNaN, opts);
   Tensor mean = at::full({x.size(0), x.size(2)}, kNaN, opts);
   Tensor var = at::full({x.size(0), x.size(2)}, kNaN, opts);
-  EXPECT(gpu::column_stats(view_of(x), kEps, r.data_ptr(), mean.data_ptr(), var.data_ptr(), nullptr) ==
+  EXPECT(gpu::column_stats(native_test::rows_view_of(x), kEps, r.data_ptr(), mean.data_ptr(), var.data_ptr(), nullptr) ==
              cudaSuccess,
          "column_stats launch; ", ctx);
   return {r, mean, var};
@@ -105,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor> gpu_column_stats(const Tensor& x, const std::
 Tensor gpu_column_stats_pullback(const Tensor& x, const Tensor& r, const Tensor& mean, const OptTensor& gr,
                                  const OptTensor& gm, const OptTensor& gv, const std::string& ctx) {
   Tensor dx = at::full(x.sizes(), kNaN, x.options());
-  EXPECT(gpu::column_stats_pullback(view_of(x), r.data_ptr(), mean.data_ptr(), ptr_or_null(gr), ptr_or_null(gm),
+  EXPECT(gpu::column_stats_pullback(native_test::rows_view_of(x), r.data_ptr(), mean.data_ptr(), ptr_or_null(gr), ptr_or_null(gm),
                                     ptr_or_null(gv), kEps, dx.data_ptr(), nullptr) == cudaSuccess,
          "column_stats_pullback launch; ", ctx);
   return dx;
@@ -338,7 +313,7 @@ TEST(empty_sizes) {
   for (const auto dtype : kDtypes) {
     const auto ctx = c10::str(dtype);
     const Tensor empty_b = randn_input({0, 4, 33}, dtype);
-    const gpu::RowsView v = view_of(empty_b);
+    const gpu::RowsView v = native_test::rows_view_of(empty_b);
     EXPECT(gpu::normalize(v, kEps, nullptr, nullptr) == cudaSuccess, ctx);
     EXPECT(gpu::normalize_pullback(v, nullptr, kEps, nullptr, nullptr) == cudaSuccess, ctx);
     EXPECT(gpu::column_stats(v, kEps, nullptr, nullptr, nullptr, nullptr) == cudaSuccess, ctx);
@@ -406,7 +381,7 @@ TEST(column_moments_in_chunks_of_rows) {
     const auto [r, m_want, v_want] = cpu::column_stats(x, kEps);
     const auto opts = at::TensorOptions().dtype(acc_of(dtype));
     Tensor mean = at::full({B, D}, kNaN, opts), var = at::full({B, D}, kNaN, opts);
-    const gpu::RowsView v = view_of(x);
+    const gpu::RowsView v = native_test::rows_view_of(x);
     if (dtype == at::kFloat) {
       FASTDIV_LAUNCH(gpu::column_moments_kernel<float>, dim3(B), dim3(64), 0, nullptr, v, r.data_ptr<float>(), kEps,
                      int64_t{1}, mean.data_ptr<float>(), var.data_ptr<float>());

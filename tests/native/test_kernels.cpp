@@ -28,7 +28,10 @@ namespace {
 
 namespace cpu = fastdiv::cpu;
 using at::Tensor;
+using native_test::acc_of;
+using native_test::acc_rtol;
 using native_test::all_finite;
+using native_test::out_rtol;
 
 // ----------------------------------------------------------------------------------- fixtures
 
@@ -42,22 +45,6 @@ const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble, at::kHalf,
 // Feature sizes: tiny, past a 32-wide vector block, just past one and two 512-column blocks (513,
 // 1031), and around the kernels' column tile kTile: one short of it, one past it, past two tiles.
 const std::vector<int64_t> kDims = {1, 7, 33, 513, 1031, cpu::kTile - 1, cpu::kTile + 1, 2 * cpu::kTile + 7};
-
-at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Relative rounding of sums of D terms in the accumulation type, against the sum of |terms|: the
-// worst case D * u is 1e-4 at D = 1700 in fp32, the typical sqrt(D) * u far below it for all D here.
-double acc_rtol(at::ScalarType t) { return t == at::kDouble ? 1e-12 : 1e-4; }
-// Relative rounding of a value stored in dtype t after a few accumulation-type operations.
-double out_rtol(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return 1e-12;
-    case at::kFloat: return 2e-5;
-    case at::kHalf: return 2e-3;     // unit roundoff 2^-11
-    case at::kBFloat16: return 1.6e-2;  // unit roundoff 2^-8
-    default: return 0;
-  }
-}
 
 // Standard normal input, rounded to dtype (so x.to(kDouble) is exactly what the kernel reads).
 Tensor randn_input(at::IntArrayRef shape, at::ScalarType dtype) {
