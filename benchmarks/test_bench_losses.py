@@ -142,6 +142,42 @@ def run_once(op: str, f: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in f(x)._asdict().items()}
 
 
+def timed_step(f: Callable, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """What one timed round runs: forward and backward of a loss, or the forward alone (no autograd)."""
+    if backward:
+        def step():
+            x.grad = None
+            f(x).backward()
+    else:
+        def step():
+            with torch.no_grad():
+                f(x)
+    return step
+
+
+def first_call(op: str, impl: str, f: Callable, x: torch.Tensor, extra: dict,
+               sync: Callable[[], None] = lambda: None) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """The untimed first call of a case: (the function to time, its outputs). For impl 'compiled' it
+    compiles forward and backward (time in extra['compile_s']); a reference that cannot compile with
+    fullgraph=True (e.g. boolean-mask indexing has a data-dependent shape) is compiled with graph breaks
+    instead, which is what a user calling torch.compile(reference) gets."""
+    t0 = time.perf_counter()
+    try:
+        got = run_once(op, f, x)
+    except torch._dynamo.exc.TorchDynamoException as exc:
+        if impl != "compiled":
+            raise
+        f = compiled_fn(op, fullgraph=False)
+        extra["compile"] = "torch.compile(reference, dynamic=False) with graph breaks"
+        extra["fullgraph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        t0 = time.perf_counter()
+        got = run_once(op, f, x)
+    sync()
+    if impl == "compiled":
+        extra["compile_s"] = time.perf_counter() - t0
+    return f, got
+
+
 def per_input(op: str, x: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
     """The per-input values of a loss (reduction='none'): checked too, not only their mean."""
     if not OPS[op].backward:
@@ -154,12 +190,17 @@ def per_input(op: str, x: torch.Tensor, backend: str) -> dict[str, torch.Tensor]
 def case_data(size: str, dtype: str, op: str):
     """The input, the eager reference's outputs and, for half precision, an fp64 oracle's."""
     x = make_grads(size, dtype).requires_grad_(OPS[op].backward)
+    return (x, *references(op, x))
+
+
+def references(op: str, x: torch.Tensor):
+    """(the eager reference's outputs on x, those of an fp64 oracle when x is not fp32, else None)."""
     eager = run_once(op, eager_fn(op), x) | per_input(op, x, "torch")
     oracle = None
-    if DTYPES[dtype] != torch.float32:
+    if x.dtype != torch.float32:
         x64 = x.detach().double().requires_grad_(OPS[op].backward)
         oracle = run_once(op, eager_fn(op), x64) | per_input(op, x64, "torch")
-    return x, eager, oracle
+    return eager, oracle
 
 
 def _scale(t: torch.Tensor) -> float:
@@ -227,21 +268,7 @@ def test_bench(benchmark, copy_bandwidth, machine, size, dtype, op, impl):
         extra["compile"] = "torch.compile(reference, fullgraph=True, dynamic=False)"
     x = x.detach().requires_grad_(OPS[op].backward)  # a fresh leaf: no .grad from another impl
 
-    t0 = time.perf_counter()
-    try:
-        got = run_once(op, f, x)  # compiled: this call compiles forward and backward
-    except torch._dynamo.exc.TorchDynamoException as exc:
-        if impl != "compiled":
-            raise
-        # e.g. boolean-mask indexing has a data-dependent shape: compile with graph breaks instead,
-        # which is what a user calling torch.compile(reference) gets
-        f = compiled_fn(op, fullgraph=False)
-        extra["compile"] = "torch.compile(reference, dynamic=False) with graph breaks"
-        extra["fullgraph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        t0 = time.perf_counter()
-        got = run_once(op, f, x)
-    if impl == "compiled":
-        extra["compile_s"] = time.perf_counter() - t0
+    f, got = first_call(op, impl, f, x, extra)
     if impl == "fused":
         got |= per_input(op, x, "cpu")
     extra.update(check(op, dtype, impl, got, eager, oracle))
@@ -252,17 +279,7 @@ def test_bench(benchmark, copy_bandwidth, machine, size, dtype, op, impl):
     factor = 3 if OPS[op].backward else 1
     extra.update(bytes_x=bytes_x, traffic_factor=factor, traffic_bytes=factor * bytes_x)
 
-    if OPS[op].backward:
-        def step():
-            x.grad = None
-            loss = f(x)
-            loss.backward()
-    else:
-        def step():
-            with torch.no_grad():
-                f(x)
-
     benchmark.group = f"{op} {size} {dtype}"
-    benchmark(step)
+    benchmark(timed_step(f, x, OPS[op].backward))
     extra.update(timing_extra(benchmark, factor * bytes_x, copy_bandwidth))
     benchmark.extra_info.update(extra)

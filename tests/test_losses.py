@@ -273,8 +273,12 @@ def test_empty_batch(case, backend, reduction):
 @pytest.mark.parametrize("sample_dim", [1, 0])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_normalize_cosine_gram_stats(backend, sample_dim):
-    x = torch.zeros(0, 3, 4) if sample_dim == 1 else torch.zeros(3, 0, 4)
-    x.requires_grad_()
+    assert_empty_batch_ops(backend, sample_dim, "cpu")
+
+
+def assert_empty_batch_ops(backend, sample_dim, device):
+    """normalize, cosine_gram (with backward) and the statistics on an empty batch keep their shapes."""
+    x = torch.zeros((0, 3, 4) if sample_dim == 1 else (3, 0, 4), device=device, requires_grad=True)
     u = fastdiv.normalize(x, backend=backend, sample_dim=sample_dim)
     assert u.shape == x.shape
     c = fastdiv.cosine_gram(x, backend=backend, sample_dim=sample_dim)
@@ -446,7 +450,11 @@ def assert_finite(t: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("kind,dtype,backend", DEGENERATE_PARAMS)
 def test_degenerate_inputs_finite(kind, dtype, backend):
-    x = degenerate(kind, dtype)
+    assert_degenerate_finite(degenerate(kind, dtype), backend)
+
+
+def assert_degenerate_finite(x, backend):
+    """Every loss (forward and gradient), normalize, cosine_gram and the statistics are finite on x."""
     for case in LOSS_CASES:
         for reduction in ("none", "mean"):
             leaf = x.clone().requires_grad_()
@@ -471,16 +479,19 @@ def test_degenerate_inputs_backends_agree(case, kind):
     w = upstream_weights(2)
     fused, ref = fused_and_reference(case, x, w)
     assert_close64(fused[0], ref[0], "value", rtol=1e-8)
-    if case.id == "max":
-        # At a tie of the max the two backends pick different (valid) subgradients: the kernel the
-        # first pair, amax an even split. Compare gradients only where the max is unique or where all
-        # tied pairs are aligned (there every subgradient is ~0).
-        c = reference.cosine_gram(x)
-        off = ~torch.eye(x.shape[1], dtype=torch.bool)
-        ties = (c[:, off] >= c[:, off].amax(dim=-1, keepdim=True) - 1e-12).sum(dim=-1)
-        if (ties > 2).any() and kind not in ("aligned", "identical"):
-            return
+    if case.id == "max" and max_subgradient_ambiguous(x, kind):
+        return
     assert_close64(fused[1], ref[1], "gradient", rtol=1e-7, atol=1e-7)
+
+
+def max_subgradient_ambiguous(x, kind) -> bool:
+    """At a tie of the max cosine the kernels and the reference pick different (valid) subgradients: the
+    kernel the first pair, amax an even split. True where gradients of R_max can't be compared: a tied
+    max, unless all tied pairs are aligned (there every subgradient is ~0)."""
+    c = reference.cosine_gram(x)
+    off = ~torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    ties = (c[:, off] >= c[:, off].amax(dim=-1, keepdim=True) - 1e-12).sum(dim=-1)
+    return bool((ties > 2).any()) and kind not in ("aligned", "identical")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

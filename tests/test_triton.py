@@ -381,3 +381,143 @@ def test_cuda_stats_and_rows_match_cpu():
         torch.testing.assert_close(getattr(got, field).cpu(), getattr(want, field), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fastdiv.normalize(x.cuda(), backend="triton").cpu(),
                                fastdiv.normalize(x, backend="cpu"), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused forward (fastdiv/triton/fused.py): for n <= 32 one launch per gram_loss / concentration_stats
+# call computes the Gram, the resultant and the n x n head; n > 32 keeps the Gram kernel + torch heads.
+# ------------------------------------------------------------------------------------------------
+from fastdiv.triton import fused as ft_fused  # noqa: E402
+
+# BLOCK_N = 2, 4, 16, 32, 32: no padding, padding rows/columns, and the largest fused tile (full and not)
+FUSED_N = [2, 3, 10, 17, 32]
+
+
+@pytest.mark.parametrize("n", FUSED_N + [33], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("head", HEADS)
+def test_fused_gram_loss(head, n):
+    """Every head against the C++ op, fp64 to fp64 rounding and fp32 to fp32 rounding; n = 33 is the
+    two-launch fallback. d = 2 n + 3 keeps C + jitter I well conditioned (for n > d its condition number
+    is ~ n / jitter and fp32 rounding of the Gram moves the DPP coefficients by ~1e-3 on every backend)."""
+    assert ft_fused.can_fuse(n) == (n <= 32)
+    args = (head, EPS, JITTER, 0.0, RHO_MAX)
+    for dtype in (torch.float64, torch.float32):
+        x = make_x(2, n, 2 * n + 3, dtype, seed=100 + n)
+        x0 = x.clone()
+        check(ft.gram_loss(x, *args), ops.gram_loss(x, *args), acc_tol(dtype), f"{head} n={n} {DT[dtype]}")
+        assert torch.equal(x, x0), "the input was modified"
+
+
+@pytest.mark.parametrize("n", FUSED_N + [33], ids=lambda n: f"n{n}")
+def test_fused_concentration_stats(n):
+    q = (1.0, 2.5, math.inf)[n % 3]
+    for dtype in (torch.float64, torch.float32):
+        x = make_x(2, n, 2 * n + 3, dtype, seed=200 + n)
+        check(ft.concentration_stats(x, q, EPS, JITTER, RHO_MAX), ops.concentration_stats(x, q, EPS, JITTER, RHO_MAX),
+              acc_tol(dtype), f"stats n={n} q={q} {DT[dtype]}")
+
+
+def _special_batch(dtype):
+    """[5, 6, 11]: 0 NaN entry, 1 two zero rows, 2 duplicate rows, 3 exact ties, 4 plain."""
+    x = make_x(5, 6, 11, torch.float64, seed=31)
+    x[0, 2, 4] = math.nan
+    x[1, 1] = 0
+    x[1, 4] = 0
+    x[2, 3] = x[2, 0]
+    x[2, 5] = x[2, 0]
+    x[3] = 0  # rows e0, e0, e1, e0, 2 e2, -e1: C_01 = C_03 = C_13 = 1 exactly, the max head takes (0, 1)
+    x[3, [0, 1, 3], 0] = 1
+    x[3, 2, 1] = 1
+    x[3, 4, 2] = 2
+    x[3, 5, 1] = -1
+    return x.to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DT.get)
+def test_fused_special_rows(dtype):
+    """NaN input (that input's loss, A and beta all NaN, the others untouched), zero rows (below the norm
+    floor: no direction, no gradient), duplicate rows (DPP near singular but finite) and exact ties of
+    the max cosine (the first pair in row-major order, as the C++ loop), against the C++ op."""
+    x = _special_batch(dtype)
+    # cond(C + jitter I) ~ n / jitter for the duplicates: fp64 rounding times 1e5; in fp32 that is
+    # ~1e-2, so there the DPP values are only checked for being finite
+    tol = (1e-8, 1e-10) if dtype == torch.float64 else (1e-4, 1e-5)
+    for head in HEADS:
+        args = (head, EPS, JITTER, 0.0, RHO_MAX)
+        got = ft.gram_loss(x, *args)
+        want = ops.gram_loss(x, *args)
+        if dtype == torch.float64 or head != "dpp":
+            check(got, want, tol, f"special {head}")
+        loss, a, beta = got
+        assert torch.isnan(loss[0]) and torch.isnan(a[0]).all() and torch.isnan(beta[0]).all(), head
+        assert torch.isfinite(loss[1:]).all() and torch.isfinite(a[1:]).all() and torch.isfinite(beta[1:]).all(), head
+        if head != "sparsity":  # zero rows get no coefficients (sparsity: beta is -inv_r / n = 0 there too)
+            assert (a[1, [1, 4]] == 0).all() and (a[1, :, [1, 4]] == 0).all(), head
+        if head == "max":
+            off = a[3] - torch.diag_embed(torch.diagonal(a[3]))
+            assert off.nonzero().tolist() == [[0, 1], [1, 0]], off
+    got = ft.concentration_stats(x, 2.0, EPS, JITTER, RHO_MAX)
+    want = ops.concentration_stats(x, 2.0, EPS, JITTER, RHO_MAX)
+    if dtype == torch.float64:
+        check(got, want, tol, "special stats")
+    else:
+        check(got[:, :5].contiguous(), want[:, :5].contiguous(), tol, "special stats (no dpp)")
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1:]).all()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_fused_strided_input(layout):
+    """Strides on B and n go to the kernel as they are (no copy, the input untouched)."""
+    x = make_x(2, 9, 21, torch.float64, seed=41, layout=layout)
+    assert not x.is_contiguous() and x.stride(2) == 1
+    x0 = x.clone()
+    for head in HEADS:
+        args = (head, EPS, JITTER, 0.0, RHO_MAX)
+        check(ft.gram_loss(x, *args), ops.gram_loss(x, *args), ACC_TOL[torch.float64], f"{layout} {head}")
+    check(ft.concentration_stats(x, 3.0, EPS, JITTER, RHO_MAX), ops.concentration_stats(x, 3.0, EPS, JITTER, RHO_MAX),
+          ACC_TOL[torch.float64], f"{layout} stats")
+    assert torch.equal(x, x0)
+
+
+def test_fused_one_launch(monkeypatch):
+    """n <= 32: exactly one Triton kernel launch per gram_loss / concentration_stats call, through the
+    public op namespace. What is counted: every `kernel[grid](...)` of any @triton.jit kernel in the
+    process (the kernel class's run method, patched), by kernel name. Not counted: the torch allocations of
+    the outputs, and above n = 32 the float64 torch heads after the Triton kernels (on a GPU those are
+    further CUDA kernels). Also: repeated calls give the same bits (no atomics)."""
+    launches = []
+    cls = type(ft_fused._fused_kernel)
+    run = cls.run
+
+    def counting_run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", counting_run)
+    t = torch.ops.fastdiv_triton
+
+    def launched(fn, *args):
+        launches.clear()
+        out = fn(*args)
+        return out, list(launches)
+
+    for n in (3, 32):
+        x = make_x(2, n, 5, torch.float64, seed=n)
+        for head in HEADS:
+            args = (x, head, EPS, JITTER, 0.0, RHO_MAX)
+            first, names = launched(t.gram_loss, *args)
+            assert names == ["_fused_kernel"], (head, n, names)
+            again, _ = launched(t.gram_loss, *args)
+            assert all(torch.equal(u, v) for u, v in zip(first, again)), f"{head}: not deterministic"
+        _, names = launched(t.concentration_stats, x, 1.0, EPS, JITTER, RHO_MAX)
+        assert names == ["_fused_kernel"], ("stats", n, names)
+    _, names = launched(t.gram_loss, torch.empty(0, 4, 5, dtype=torch.float64), "dpp", EPS, JITTER, 0.0, RHO_MAX)
+    assert names == []
+    # the fallback above 32 samples: the Gram kernel, plus the resultant kernel when the head needs it
+    x = make_x(1, 33, 5, torch.float64, seed=33)
+    for head, expected in (("dpp", ["_gram_kernel"]), ("kappa", ["_gram_kernel", "_resultant_kernel"])):
+        _, names = launched(t.gram_loss, x, head, EPS, JITTER, 0.0, RHO_MAX)
+        assert names == expected, (head, names)
+    _, names = launched(t.concentration_stats, x, 1.0, EPS, JITTER, RHO_MAX)
+    assert names == ["_gram_kernel", "_resultant_kernel"], names

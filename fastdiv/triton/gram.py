@@ -5,7 +5,9 @@ dX = scale (A X + beta ⊙ sign(X)).
 x is [B, n, D] with unit stride on D and any strides on B and n (the strides go to the kernels, no
 copy). Accumulation is in the "acc" dtype (fp32, fp64 for fp64 inputs), taken from the output pointer.
 Every output element is written by exactly one program: no atomics, results are deterministic.
-The n x n heads run afterwards in float64 on the Gram (fastdiv/triton/heads.py), as the C++ CPU ops do.
+For n <= 32, gram_loss and concentration_stats are one launch of the fused kernel (fastdiv/triton/fused.py:
+the Gram, the resultant and the n x n head in float64 in the epilogue); beyond that the heads run after
+the Gram kernel in float64 torch ops (fastdiv/triton/heads.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import fused
 from ._common import acc_dtype, tile_blocks
 from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
@@ -170,9 +173,15 @@ def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None,
 
 
 def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, rho_max: float):
-    """Per-input loss [B], pullback coefficients A [B, n, n] and beta [B, n] ([B, 0] unless sparsity)."""
+    """Per-input loss [B], pullback coefficients A [B, n, n] and beta [B, n] ([B, 0] unless sparsity).
+
+    n <= 32: one launch of the fused kernel (fastdiv/triton/fused.py: Gram, resultant and head in one
+    program per input). Larger n: the Gram kernel (+ the resultant kernel for kappa / mean_penalty),
+    then the head in float64 torch ops (fastdiv/triton/heads.py)."""
     h = parse_head(head)
     B, n, d = x.shape
+    if fused.can_fuse(n):
+        return fused.gram_loss(x, h, eps, jitter, p, rho_max)
     acc = acc_dtype(x.dtype)
     if B == 0:
         return (torch.empty((0,), dtype=acc, device=x.device), torch.empty((0, n, n), dtype=acc, device=x.device),
@@ -190,8 +199,11 @@ def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, r
 
 
 def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rho_max: float) -> torch.Tensor:
-    """[B, 6] acc: rho, rho_q, kappa, mean cosine, coherence, dpp."""
+    """[B, 6] acc: rho, rho_q, kappa, mean cosine, coherence, dpp. n <= 32: one fused launch; larger n:
+    the Gram and resultant kernels, then float64 torch ops."""
     B, n, d = x.shape
+    if fused.can_fuse(n):
+        return fused.concentration_stats(x, q, eps, jitter, rho_max)
     acc = acc_dtype(x.dtype)
     if B == 0:
         return torch.empty((0, 6), dtype=acc, device=x.device)
