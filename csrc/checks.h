@@ -49,10 +49,6 @@ inline const at::Tensor* optional_acc(const std::optional<at::Tensor>& t, at::In
   return &keep;
 }
 
-// gram_pullback's coefficients: a [B, n, n] and, optionally, beta [B, n] (acc, x's device).
-inline void check_pullback_coefficients(const at::Tensor& x, const at::Tensor& a, const char* op) {
-  check_acc(a, {x.size(0), x.size(1), x.size(1)}, x, op, "a");
-}
 
 // gram_pullback's optional per-input scale [B] (acc, x's device), the upstream gradient of a per-input
 // loss. Any stride is accepted and no copy is made: autograd often hands an expanded (stride 0) gradient,
@@ -186,6 +182,27 @@ inline ColumnStatsPullbackArgs prepare_column_stats_pullback(const at::Tensor& x
   optional_acc(grad_var, {B, d}, x, op, "grad_var", args.grad_var);
   args.r = r.contiguous();
   args.mean = mean.contiguous();
+  args.dx = contiguous_like(x);
+  return args;
+}
+
+// gram_pullback: a [B, n, n] contiguous; beta [B, n] as a contiguous copy (undefined when absent or
+// empty: no l1 term); scale [B] read in place at any stride (null when absent); dx contiguous like x.
+struct GramPullbackArgs {
+  at::Tensor a, beta, dx;
+  const at::Tensor* scale = nullptr;  // the caller's tensor
+};
+
+inline GramPullbackArgs prepare_gram_pullback(const at::Tensor& x, const at::Tensor& a,
+                                              const std::optional<at::Tensor>& beta,
+                                              const std::optional<at::Tensor>& scale, c10::DeviceType device) {
+  constexpr const char* op = "gram_pullback";
+  check_rows(x, op, device);
+  check_acc(a, {x.size(0), x.size(1), x.size(1)}, x, op, "a");
+  GramPullbackArgs args;
+  args.scale = check_pullback_scale(scale, x, op);
+  args.a = a.contiguous();
+  optional_acc(beta, {x.size(0), x.size(1)}, x, op, "beta", args.beta);
   args.dx = contiguous_like(x);
   return args;
 }

@@ -302,17 +302,11 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
 
 at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
                          const std::optional<at::Tensor>& scale) {
-  constexpr const char* op = "gram_pullback";
-  check_rows(x, op, at::kCPU);
-  check_pullback_coefficients(x, a, op);
-  const at::Tensor* sc = check_pullback_scale(scale, x, op);
-  const at::Tensor ac = a.contiguous();
-  at::Tensor bc;
-  const bool use_beta = optional_acc(beta, {x.size(0), x.size(1)}, x, op, "beta", bc) != nullptr;
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  FASTDIV_DISPATCH(x, "fastdiv::gram_pullback",
-                   [&] { pullback_kernel<scalar_t>(x, ac, use_beta ? &bc : nullptr, sc, dx); });
-  return dx;
+  GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, at::kCPU);
+  FASTDIV_DISPATCH(x, "fastdiv::gram_pullback", [&] {
+    pullback_kernel<scalar_t>(x, args.a, args.beta.defined() ? &args.beta : nullptr, args.scale, args.dx);
+  });
+  return args.dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,

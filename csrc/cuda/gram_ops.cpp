@@ -36,19 +36,14 @@ std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& x, bool with_l1) {
 
 at::Tensor gram_pullback_op(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
                          const std::optional<at::Tensor>& scale) {
-  constexpr const char* op = "gram_pullback";
-  check_rows(x, op, at::kCUDA);
-  check_pullback_coefficients(x, a, op);
-  const at::Tensor* s = check_pullback_scale(scale, x, op);
+  const GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor ac = a.contiguous();
-  at::Tensor bc;
-  const at::Tensor* b = optional_acc(beta, {x.size(0), x.size(1)}, x, op, "beta", bc);
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  check_launch(cuda::gram_pullback(rows_view(x), ac.data_ptr(), b ? b->data_ptr() : nullptr,
-                                   s ? s->data_ptr() : nullptr, s ? s->stride(0) : 0, dx.data_ptr(), current_stream()),
-               op);
-  return dx;
+  const at::Tensor* s = args.scale;
+  check_launch(cuda::gram_pullback(rows_view(x), args.a.data_ptr(), args.beta.defined() ? args.beta.data_ptr() : nullptr,
+                                   s ? s->data_ptr() : nullptr, s ? s->stride(0) : 0, args.dx.data_ptr(),
+                                   current_stream()),
+               "gram_pullback");
+  return args.dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x, const std::string& head, double eps,
