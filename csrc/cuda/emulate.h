@@ -3,9 +3,10 @@
 // With FASTDIV_CUDA_EMULATE defined, device.cuh includes this header instead of cuda_runtime.h, and a
 // .cu file compiles as plain C++ (tests/native/test_cuda_emulation*.cpp #include them). Every launch
 // then runs on the host:
-//  - blocks run one after another; the threads of a block run concurrently, one std::thread each, so
+//  - blocks run one after another; the threads of a block run concurrently, one host thread each, so
 //    a missing __syncthreads() is a real data race and a __syncthreads() that not every thread reaches
-//    hangs (CTest's timeout turns that into a failure), as on a GPU;
+//    hangs (CTest's timeout turns that into a failure), as on a GPU. The host threads are kept from
+//    block to block (starting a thread per emulated thread per block was most of a launch's time);
 //  - __shared__ variables become function-local statics: one copy, shared by the threads of the
 //    block in flight, left over from the previous block (like uninitialized shared memory);
 //  - dynamic shared memory is filled with 0xFF bytes (NaN for floats) before each block, so a read of
@@ -20,7 +21,11 @@
 #include <driver_types.h>
 #include <vector_types.h>
 
+#include <atomic>
 #include <barrier>
+#include <functional>
+#include <mutex>
+#include <semaphore>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -107,6 +112,60 @@ inline cudaError_t& last_error() {
   return err;
 }
 
+// Host threads kept across blocks and launches. run(count, job) calls job(0) ... job(count - 1) each on
+// a thread of its own, all at once (the threads of a block wait for each other at barriers), and
+// returns when every call has returned. Only the workers a block needs are woken.
+class Workers {
+ public:
+  ~Workers() {
+    stop_ = true;
+    for (auto& w : workers_) w->go.release();
+    for (auto& w : workers_) w->thread.join();
+  }
+
+  void run(unsigned count, const std::function<void(unsigned)>& job) {
+    const std::lock_guard<std::mutex> one_launch_at_a_time(mutex_);
+    while (workers_.size() < count) {
+      auto w = std::make_unique<Worker>();
+      Worker* worker = w.get();
+      const auto id = static_cast<unsigned>(workers_.size());
+      w->thread = std::thread([this, worker, id] { loop(*worker, id); });
+      workers_.push_back(std::move(w));
+    }
+    job_ = &job;
+    pending_.store(count);
+    for (unsigned t = 0; t < count; ++t) workers_[t]->go.release();  // publishes job_ to the worker
+    done_.acquire();  // the last worker's release publishes every worker's writes to the caller
+  }
+
+ private:
+  struct Worker {
+    std::binary_semaphore go{0};
+    std::thread thread;
+  };
+
+  void loop(Worker& w, unsigned id) {
+    for (;;) {
+      w.go.acquire();
+      if (stop_) return;
+      (*job_)(id);
+      if (pending_.fetch_sub(1) == 1) done_.release();
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  std::atomic<unsigned> pending_{0};
+  std::binary_semaphore done_{0};
+  std::atomic<bool> stop_{false};
+};
+
+inline Workers& workers() {
+  static Workers pool;
+  return pool;
+}
+
 // Runs body() once per thread of every block of the grid. Launch limits are checked as a GPU would.
 template <typename Body>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, Body body) {
@@ -120,19 +179,14 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Body body) {
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block blk(threads, smem_bytes);
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            self.block = &blk;
-            self.block_dim = block;
-            self.grid_dim = grid;
-            self.block_idx = uint3{bx, by, bz};
-            self.thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            body();
-          });
-        }
-        for (auto& th : pool) th.join();
+        workers().run(threads, [&](unsigned t) {
+          self.block = &blk;
+          self.block_dim = block;
+          self.grid_dim = grid;
+          self.block_idx = uint3{bx, by, bz};
+          self.thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+          body();
+        });
       }
 }
 
