@@ -85,23 +85,27 @@ __device__ __forceinline__ A team_sum(A v, A* scratch, unsigned team) {
   return total;
 }
 
-// Where a thread of a row kernel works: its team's row (b * n + i) and its position in the team.
+// Where a thread of a row kernel works: its team's row (b * n + i), its position in the team, and the
+// row's first element in x.
+template <typename T>
 struct RowSlot {
   unsigned lane;  // thread index within the team: it handles elements lane, lane + team, ...
   unsigned slot;  // team index within the block
   int64_t row;
   bool active;    // the last block may have teams past the last row
-  int64_t b, offset;  // batch element and element offset of the row in x (when active)
+  int64_t b;      // batch element of the row (0 when inactive)
+  const T* src;   // x's row (row 0 of x when inactive: never read)
 };
 
-__device__ __forceinline__ RowSlot row_slot(const RowsView& x, unsigned team) {
-  RowSlot s;
+template <typename T>
+__device__ __forceinline__ RowSlot<T> row_slot(const RowsView& x, unsigned team) {
+  RowSlot<T> s;
   s.lane = threadIdx.x % team;
   s.slot = threadIdx.x / team;
   s.row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + s.slot;
   s.active = s.row < x.batch * x.n;
   s.b = s.active ? s.row / x.n : 0;
-  s.offset = s.active ? s.b * x.stride_b + (s.row - s.b * x.n) * x.stride_n : 0;
+  s.src = static_cast<const T*>(x.data) + (s.active ? s.b * x.stride_b + (s.row - s.b * x.n) * x.stride_n : 0);
   return s;
 }
 
@@ -118,19 +122,18 @@ __device__ __forceinline__ V* kept_rows(unsigned char* smem, bool keep, int64_t 
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
-    normalize_kernel(RowsView x, double eps, unsigned team, bool keep, T* u) {
+    normalize_kernel(RowsView x, unsigned team, bool keep, double eps, T* u) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
-  const RowSlot s = row_slot(x, team);
+  const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
-  const T* src = static_cast<const T*>(x.data) + s.offset;
   T* kept = kept_rows<T>(smem, keep, 0, s.slot, 1, d);
   A sumsq = 0;
   if (s.active) {
     FASTDIV_ROWS_UNROLL
     for (int64_t k = s.lane; k < d; k += team) {
-      const T v = src[k];
+      const T v = s.src[k];
       if (kept) kept[k] = v;
       const A a = load_as<A>(v);
       sumsq += a * a;
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
   sumsq = team_sum(sumsq, scratch, team);
   if (!s.active) return;  // past the last barrier
   const A inv_r = static_cast<A>(inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps));
-  const T* again = kept ? kept : src;
+  const T* again = kept ? kept : s.src;
   T* dst = u + s.row * d;
   for (int64_t k = s.lane; k < d; k += team) dst[k] = store_as<T>(load_as<A>(again[k]) * inv_r);
 }
@@ -148,13 +151,12 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
 // writing pass.
 template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
-    normalize_pullback_kernel(RowsView x, const T* grad, double eps, unsigned team, bool keep, T* dx) {
+    normalize_pullback_kernel(RowsView x, unsigned team, bool keep, const T* grad, double eps, T* dx) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
-  const RowSlot s = row_slot(x, team);
+  const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
-  const T* xr = static_cast<const T*>(x.data) + s.offset;
   const T* gr = grad + (s.active ? s.row * d : 0);
   T* kept_x = kept_rows<T>(smem, keep, 0, s.slot, 2, d);
   T* kept_g = kept_x ? kept_x + d : nullptr;
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
   if (s.active) {
     FASTDIV_ROWS_UNROLL
     for (int64_t k = s.lane; k < d; k += team) {
-      const T xv = xr[k], gv = gr[k];
+      const T xv = s.src[k], gv = gr[k];
       if (kept_x) kept_x[k] = xv, kept_g[k] = gv;
       const A a = load_as<A>(xv);
       sumsq += a * a;
@@ -175,7 +177,7 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
   const double inv = inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps);
   const A inv_r = static_cast<A>(inv);
   const A proj = static_cast<A>(static_cast<double>(gx) * inv * inv);  // <G, u> / r, times x below
-  const T* xa = kept_x ? kept_x : xr;
+  const T* xa = kept_x ? kept_x : s.src;
   const T* ga = kept_g ? kept_g : gr;
   T* dst = dx + s.row * d;
   for (int64_t k = s.lane; k < d; k += team)
@@ -184,20 +186,19 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
 
 // ------------------------------------------------------------------------------- column_stats
 
-// r_i = ||x_i|| (no floor), one pass.
+// r_i = ||x_i|| (no floor), one pass; nothing is kept (keep is always false).
 template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
-    row_norms_kernel(RowsView x, unsigned team, acc_t<T>* r) {
+    row_norms_kernel(RowsView x, unsigned team, bool /*keep*/, acc_t<T>* r) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxTeam / kWarp];
-  const RowSlot s = row_slot(x, team);
+  const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
-  const T* src = static_cast<const T*>(x.data) + s.offset;
   A sumsq = 0;
   if (s.active) {
     FASTDIV_ROWS_UNROLL
     for (int64_t k = s.lane; k < d; k += team) {
-      const A a = load_as<A>(src[k]);
+      const A a = load_as<A>(s.src[k]);
       sumsq += a * a;
     }
   }
@@ -266,15 +267,14 @@ __global__ void __launch_bounds__(kColumnBlock, kColumnMinBlocks<T>)
 // the writing pass reads neither X nor them again; rows too large to keep recompute G.
 template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, 1)
-    column_stats_pullback_kernel(RowsView x, const acc_t<T>* r, const acc_t<T>* mean, const acc_t<T>* g_r,
-                                 const acc_t<T>* g_mean, const acc_t<T>* g_var, acc_t<T> eps, unsigned team,
-                                 bool keep, T* dx) {
+    column_stats_pullback_kernel(RowsView x, unsigned team, bool keep, const acc_t<T>* r, const acc_t<T>* mean,
+                                 const acc_t<T>* g_r, const acc_t<T>* g_mean, const acc_t<T>* g_var, acc_t<T> eps,
+                                 T* dx) {
   using A = acc_t<T>;
   __shared__ A scratch[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
-  const RowSlot s = row_slot(x, team);
+  const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
-  const T* src = static_cast<const T*>(x.data) + s.offset;
   // All teams' G rows (acc), then all teams' x rows: every row starts aligned for its type.
   A* kept_g = kept_rows<A>(smem, keep, 0, s.slot, 1, d);
   T* kept_x = kept_rows<T>(smem, keep, static_cast<int64_t>(blockDim.x / team) * d * sizeof(A), s.slot, 1, d);
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
   if (s.active) {
     FASTDIV_ROWS_UNROLL
     for (int64_t k = s.lane; k < d; k += team) {
-      const T v = src[k];
+      const T v = s.src[k];
       const A a = load_as<A>(v), g = grad_u(k, a);
       if (kept_x) kept_x[k] = v, kept_g[k] = g;
       c += g * a;
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
       dst[k] = store_as<T>(kept_g[k] * inv_r + x_coef * load_as<A>(kept_x[k]));
   } else {
     for (int64_t k = s.lane; k < d; k += team) {
-      const A a = load_as<A>(src[k]);
+      const A a = load_as<A>(s.src[k]);
       dst[k] = store_as<T>(grad_u(k, a) * inv_r + x_coef * a);
     }
   }
@@ -358,35 +358,33 @@ void allow_smem(Kernel kernel, RowLaunch& p) {
 // grid.x holds up to 2^31 - 1 blocks.
 inline bool grid_fits(int64_t blocks) { return blocks <= int64_t{0x7fffffff}; }
 
-template <typename T>
-cudaError_t launch_normalize(const RowsView& x, double eps, T* u, cudaStream_t stream) {
-  RowLaunch p = plan_rows(x.batch * x.n, x.d, sizeof(T));
+// Plans a row kernel over x's rows, keeping kept_bytes per element of a row where they fit, and launches
+// kernel(x, team, keep, args...).
+template <typename Kernel, typename... Args>
+cudaError_t launch_rows(Kernel kernel, const RowsView& x, size_t kept_bytes, cudaStream_t stream, Args... args) {
+  RowLaunch p = plan_rows(x.batch * x.n, x.d, kept_bytes);
   if (!grid_fits(p.blocks)) return cudaErrorInvalidConfiguration;
-  allow_smem(normalize_kernel<T>, p);
-  FASTDIV_LAUNCH(normalize_kernel<T>, dim3(static_cast<unsigned>(p.blocks)), dim3(p.threads), p.smem, stream, x,
-                 eps, p.team, p.keep, u);
+  allow_smem(kernel, p);
+  FASTDIV_LAUNCH(kernel, dim3(static_cast<unsigned>(p.blocks)), dim3(p.threads), p.smem, stream, x, p.team, p.keep,
+                 args...);
   return FASTDIV_LAST_ERROR();
 }
 
 template <typename T>
+cudaError_t launch_normalize(const RowsView& x, double eps, T* u, cudaStream_t stream) {
+  return launch_rows(normalize_kernel<T>, x, sizeof(T), stream, eps, u);
+}
+
+template <typename T>
 cudaError_t launch_normalize_pullback(const RowsView& x, const T* grad, double eps, T* dx, cudaStream_t stream) {
-  RowLaunch p = plan_rows(x.batch * x.n, x.d, 2 * sizeof(T));
-  if (!grid_fits(p.blocks)) return cudaErrorInvalidConfiguration;
-  allow_smem(normalize_pullback_kernel<T>, p);
-  FASTDIV_LAUNCH(normalize_pullback_kernel<T>, dim3(static_cast<unsigned>(p.blocks)), dim3(p.threads), p.smem,
-                 stream, x, grad, eps, p.team, p.keep, dx);
-  return FASTDIV_LAST_ERROR();
+  return launch_rows(normalize_pullback_kernel<T>, x, 2 * sizeof(T), stream, grad, eps, dx);
 }
 
 template <typename T>
 cudaError_t launch_column_stats(const RowsView& x, double eps, acc_t<T>* r, acc_t<T>* mean, acc_t<T>* var,
                                 cudaStream_t stream) {
   if (x.n > 0) {  // D = 0 still has norms (0)
-    const RowLaunch p = plan_rows(x.batch * x.n, x.d, 0);
-    if (!grid_fits(p.blocks)) return cudaErrorInvalidConfiguration;
-    FASTDIV_LAUNCH(row_norms_kernel<T>, dim3(static_cast<unsigned>(p.blocks)), dim3(p.threads), 0, stream, x,
-                   p.team, r);
-    const cudaError_t err = FASTDIV_LAST_ERROR();
+    const cudaError_t err = launch_rows(row_norms_kernel<T>, x, 0, stream, r);
     if (err != cudaSuccess) return err;
   }
   if (x.d > 0) {  // n = 0 still has (NaN) columns
@@ -405,12 +403,8 @@ template <typename T>
 cudaError_t launch_column_stats_pullback(const RowsView& x, const acc_t<T>* r, const acc_t<T>* mean,
                                          const acc_t<T>* g_r, const acc_t<T>* g_mean, const acc_t<T>* g_var,
                                          double eps, T* dx, cudaStream_t stream) {
-  RowLaunch p = plan_rows(x.batch * x.n, x.d, sizeof(T) + sizeof(acc_t<T>));
-  if (!grid_fits(p.blocks)) return cudaErrorInvalidConfiguration;
-  allow_smem(column_stats_pullback_kernel<T>, p);
-  FASTDIV_LAUNCH(column_stats_pullback_kernel<T>, dim3(static_cast<unsigned>(p.blocks)), dim3(p.threads), p.smem,
-                 stream, x, r, mean, g_r, g_mean, g_var, static_cast<acc_t<T>>(eps), p.team, p.keep, dx);
-  return FASTDIV_LAST_ERROR();
+  return launch_rows(column_stats_pullback_kernel<T>, x, sizeof(T) + sizeof(acc_t<T>), stream, r, mean, g_r, g_mean,
+                     g_var, static_cast<acc_t<T>>(eps), dx);
 }
 
 }  // namespace
