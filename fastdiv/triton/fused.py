@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, tile_blocks
+from ._common import acc_dtype, load_tile, tile_blocks, tile_gram
 from .heads import HEADS, RHO_FLOOR, parse_head
 
 #: Largest n the fused kernel handles: its [BLOCK_N, BLOCK_N] float64 head tiles stay in registers.
@@ -173,21 +173,13 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
     l1 = tl.zeros((BLOCK_N,), dtype=tl.float64)
     for d0 in range(0, d, BLOCK_D):
         col_ok = (d0 + cols) < d
-        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0).to(acc_t)
+        tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, acc_t)
         if HEAD == SPARSITY:
             # Omega_S reads only the row norms: the diagonal, O(n D) (the C++ diagonal_only Gram)
             l1 += tl.sum(tl.abs(tile), axis=1).to(tl.float64)
             s += tl.where(is_diag, tl.sum(tile * tile, axis=1)[:, None], 0).to(tl.float64)
         else:
-            s_tile = tl.zeros((BLOCK_N, BLOCK_N), dtype=acc_t)
-            xj_ptr = base + d0 + cols  # row j, advanced as a 64-bit pointer (j * stride_n may pass 2^31)
-            for j in range(n):
-                xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
-                sj = tl.sum(tile * xj[None, :], axis=1)  # column j of S over this tile
-                s_tile += tl.where(rows[None, :] == j, sj[:, None], 0)
-                xj_ptr += stride_n
-            s += s_tile.to(tl.float64)
+            s += tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N).to(tl.float64)
     # S exactly symmetric, from its lower triangle as the C++ gram_one mirrors it
     s = tl.where(rows[:, None] >= rows[None, :], s, tl.trans(s))
     inv_r = _inverse_norms(tl.sum(tl.where(is_diag, s, 0.0), axis=1), eps)
@@ -205,8 +197,7 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
         inv_n = 1.0 / nf
         for d0 in range(0, d, BLOCK_D):
             col_ok = (d0 + cols) < d
-            tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
-                           mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.float64)
+            tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, tl.float64)
             m = tl.sum(tile * inv_r[:, None], axis=0)  # 0 in masked columns
             sq += m * m
             if HEAD == STATS:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import fused
-from ._common import acc_dtype, tile_blocks
+from ._common import acc_dtype, load_tile, tile_blocks, tile_gram
 from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
 @triton.jit
@@ -33,16 +33,10 @@ def _gram_kernel(x_ptr, s_ptr, l1_ptr, n, d, stride_b, stride_n,
     l1 = tl.zeros((BLOCK_N,), dtype=acc_t)
     for d0 in range(0, d, BLOCK_D):
         col_ok = (d0 + cols) < d
-        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0).to(acc_t)
+        tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, acc_t)
         if WITH_L1:
             l1 += tl.sum(tl.abs(tile), axis=1)
-        xj_ptr = base + d0 + cols  # row j, advanced as a 64-bit pointer (j * stride_n may pass 2^31)
-        for j in range(n):
-            xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
-            sj = tl.sum(tile * xj[None, :], axis=1)  # column j of S over this tile
-            s += tl.where(rows[None, :] == j, sj[:, None], 0)
-            xj_ptr += stride_n
+        s += tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N)
     out = s_ptr + b * n * n + rows[:, None] * n + rows[None, :]
     tl.store(out, s, mask=row_ok[:, None] & row_ok[None, :])
     if WITH_L1:
@@ -65,8 +59,7 @@ def _resultant_kernel(x_ptr, inv_r_ptr, sq_ptr, m_ptr, n, d, stride_b, stride_n,
     sq = tl.zeros((BLOCK_D,), dtype=tl.float64)
     for d0 in range(0, d, BLOCK_D):
         col_ok = (d0 + cols) < d
-        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + (d0 + cols)[None, :],
-                       mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.float64)
+        tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, tl.float64)
         m = tl.sum(tile * inv_r[:, None], axis=0)
         sq += m * m
         if STORE_M:
@@ -95,7 +88,7 @@ def _pullback_kernel(x_ptr, a_ptr, beta_ptr, scale_ptr, dx_ptr, n, d, stride_b, 
     base = x_ptr + b * stride_b
     out = tl.zeros((BLOCK_N, BLOCK_D), dtype=acc_t)
     if HAS_BETA:
-        tile = tl.load(base + rows[:, None].to(tl.int64) * stride_n + cols[None, :], mask=mask, other=0).to(acc_t)
+        tile = load_tile(base, rows, row_ok, 0, cols, col_ok, stride_n, acc_t)
         # sign(NaN) = 0, as (v > 0) - (v < 0) in the CPU kernel
         sgn = tl.where(tile > 0, 1.0, 0.0).to(acc_t) - tl.where(tile < 0, 1.0, 0.0).to(acc_t)
         beta = tl.load(beta_ptr + b * n + rows, mask=row_ok, other=0)
