@@ -17,6 +17,9 @@ namespace fastdiv {
 // Half-precision inputs accumulate in fp32; fp64 inputs accumulate in fp64.
 inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Options of x's accumulation-dtype outputs (losses, coefficients, statistics): x's device, acc dtype.
+inline at::TensorOptions acc_options(const at::Tensor& x) { return x.options().dtype(acc_scalar_type(x.scalar_type())); }
+
 // x is [B, n, D], float32/float64/float16/bfloat16, on a `device` tensor, unit stride on D.
 inline void check_rows(const at::Tensor& x, const char* op, c10::DeviceType device) {
   TORCH_CHECK_VALUE(x.dim() == 3, "fastdiv::", op, ": x must be [B, n, D], got ", x.dim(), " dims");
@@ -154,9 +157,36 @@ inline EotStepArgs prepare_eot_step(const at::Tensor& x, const at::Tensor& x0, c
 
 // column_stats: r [B, n], mean and var [B, D], all acc.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_column_stats(const at::Tensor& x) {
-  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
+  const auto opts = acc_options(x);
   return {at::empty({x.size(0), x.size(1)}, opts), at::empty({x.size(0), x.size(2)}, opts),
           at::empty({x.size(0), x.size(2)}, opts)};
+}
+
+// gram: S [B, n, n] and the row l1 norms [B, n] ([B, 0] without them), acc.
+inline std::tuple<at::Tensor, at::Tensor> prepare_gram(const at::Tensor& x, bool with_l1, c10::DeviceType device) {
+  check_rows(x, "gram", device);
+  const int64_t B = x.size(0), n = x.size(1);
+  return {at::empty({B, n, n}, acc_options(x)), at::empty({B, with_l1 ? n : 0}, acc_options(x))};
+}
+
+// gram_loss: the loss [B] and the backward's coefficients A [B, n, n] and beta ([B, n] for heads with an
+// l1 term, else [B, 0]), acc.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_gram_loss(const at::Tensor& x, bool with_beta,
+                                                                        c10::DeviceType device) {
+  check_rows(x, "gram_loss", device);
+  check_samples(x, "gram_loss");
+  const int64_t B = x.size(0), n = x.size(1);
+  return {at::empty({B}, acc_options(x)), at::empty({B, n, n}, acc_options(x)),
+          at::empty({B, with_beta ? n : 0}, acc_options(x))};
+}
+
+// concentration_stats: the six statistics per input [B, 6], acc.
+inline at::Tensor prepare_concentration_stats(const at::Tensor& x, double q, c10::DeviceType device) {
+  constexpr const char* op = "concentration_stats";
+  check_rows(x, op, device);
+  check_samples(x, op);
+  check_q(q, op);
+  return at::empty({x.size(0), 6}, acc_options(x));
 }
 
 // column_stats_pullback: r, mean contiguous; the gradients autograd produced as contiguous copies

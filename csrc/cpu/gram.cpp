@@ -292,10 +292,7 @@ void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tens
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
-  check_rows(x, "gram", at::kCPU);
-  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
-  at::Tensor s = at::empty({x.size(0), x.size(1), x.size(1)}, opts);
-  at::Tensor l1 = at::empty({x.size(0), with_l1 ? x.size(1) : 0}, opts);
+  auto [s, l1] = prepare_gram(x, with_l1, at::kCPU);
   FASTDIV_DISPATCH(x, "fastdiv::gram", [&] { gram_kernel<scalar_t>(x, s, l1); });
   return {s, l1};
 }
@@ -312,24 +309,15 @@ at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::op
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
                                                          double eps, double jitter, double p,
                                                          double rho_max) {
-  check_rows(x, "gram_loss", at::kCPU);
   const Head h = parse_head(head);
-  const int64_t B = x.size(0), n = x.size(1);
-  check_samples(x, "gram_loss");
-  const auto opts = x.options().dtype(acc_scalar_type(x.scalar_type()));
-  at::Tensor loss = at::empty({B}, opts);
-  at::Tensor a = at::empty({B, n, n}, opts);
-  at::Tensor beta = at::empty({B, h == Head::kSparsity ? n : 0}, opts);
+  auto [loss, a, beta] = prepare_gram_loss(x, h == Head::kSparsity, at::kCPU);
   const HeadParams prm{eps, jitter, p, rho_max};
   FASTDIV_DISPATCH(x, "fastdiv::gram_loss", [&] { gram_loss_kernel<scalar_t>(x, h, prm, loss, a, beta); });
   return {loss, a, beta};
 }
 
 at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {
-  check_rows(x, "concentration_stats", at::kCPU);
-  check_samples(x, "concentration_stats");
-  check_q(q, "concentration_stats");
-  at::Tensor out = at::empty({x.size(0), 6}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  at::Tensor out = prepare_concentration_stats(x, q, at::kCPU);
   const HeadParams prm{eps, jitter, 0.0, rho_max};
   FASTDIV_DISPATCH(x, "fastdiv::concentration_stats", [&] { stats_kernel<scalar_t>(x, q, prm, out); });
   return out;

@@ -14,8 +14,6 @@
 namespace fastdiv::cuda {
 namespace {
 
-at::TensorOptions acc_options(const at::Tensor& x) { return x.options().dtype(acc_scalar_type(x.scalar_type())); }
-
 // Scratch of the two-launch path (n > kMaxFusedSamples), from the caching allocator; empty otherwise.
 at::Tensor workspace_for(const at::Tensor& x) {
   return at::empty({static_cast<int64_t>(gram_workspace_bytes(x.size(0), x.size(1)))},
@@ -25,10 +23,8 @@ at::Tensor workspace_for(const at::Tensor& x) {
 void* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
 std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& x, bool with_l1) {
-  check_rows(x, "gram", at::kCUDA);
+  auto [s, l1] = prepare_gram(x, with_l1, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor s = at::empty({x.size(0), x.size(1), x.size(1)}, acc_options(x));
-  at::Tensor l1 = at::empty({x.size(0), with_l1 ? x.size(1) : 0}, acc_options(x));
   check_launch(cuda::gram(rows_view(x), s.data_ptr(), with_l1 ? data_or_null(l1) : nullptr, current_stream()),
                "gram");
   return {s, l1};
@@ -48,14 +44,9 @@ at::Tensor gram_pullback_op(const at::Tensor& x, const at::Tensor& a, const std:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x, const std::string& head, double eps,
                                                          double jitter, double p, double rho_max) {
-  check_rows(x, "gram_loss", at::kCUDA);
   const heads::Head h = cpu::parse_head(head);
-  check_samples(x, "gram_loss");
+  auto [loss, a, beta] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), n = x.size(1);
-  at::Tensor loss = at::empty({B}, acc_options(x));
-  at::Tensor a = at::empty({B, n, n}, acc_options(x));
-  at::Tensor beta = at::empty({B, h == heads::Head::kSparsity ? n : 0}, acc_options(x));
   at::Tensor ws = workspace_for(x);
   check_launch(cuda::gram_loss(rows_view(x), h, heads::Params{eps, jitter, p, rho_max}, loss.data_ptr(),
                                a.data_ptr(), data_or_null(beta), data_or_null(ws), current_stream()),
@@ -64,16 +55,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x,
 }
 
 at::Tensor concentration_stats_op(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {
-  constexpr const char* op = "concentration_stats";
-  check_rows(x, op, at::kCUDA);
-  check_samples(x, op);
-  check_q(q, op);
+  at::Tensor out = prepare_concentration_stats(x, q, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({x.size(0), 6}, acc_options(x));
   at::Tensor ws = workspace_for(x);
   check_launch(cuda::concentration_stats(rows_view(x), q, heads::Params{eps, jitter, 0.0, rho_max}, out.data_ptr(),
                                          data_or_null(ws), current_stream()),
-               op);
+               "concentration_stats");
   return out;
 }
 
