@@ -61,7 +61,8 @@ from fastdiv import reference
 from fastdiv._backend import cuda_built, triton_installed, triton_interpreted
 from test_bench_eot import VARIANTS
 from test_bench_eot import make_case as make_eot_case
-from test_bench_losses import MATRIX, OPS, QUICK, WARMUP_CALLS, check, compiled_fn, eager_fn, first_call, per_input, references, run_once, timed_step
+from test_bench_losses import (MATRIX, OPS, QUICK, WARMUP_CALLS, check, compiled_fn, eager_fn, first_call, per_input,
+                               references, run_once, timed_step, timing_extra)
 
 DEVICE = "cuda"
 HAS_GPU = torch.cuda.is_available()
@@ -225,18 +226,13 @@ def launch_counts(fn, x: torch.Tensor, grad: torch.Tensor | None, suffix: str = 
     return out
 
 
-def timing_extra(benchmark, traffic_bytes: int, batch: int, gpu: dict) -> dict:
-    """Times, GB/s against the traffic floor, % of peak and of copy, inputs/s (absent when timing is off)."""
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if not stats:
-        return {}
-    data = sorted(stats.data)
-    pct = lambda q: data[min(len(data) - 1, int(q * (len(data) - 1) + 0.5))]  # noqa: E731
-    gbps = traffic_bytes / stats.median / 1e9
-    out = {"median_s": stats.median, "p10_s": pct(0.10), "p90_s": pct(0.90), "GBps": gbps,
-           "pct_of_copy": 100.0 * gbps / gpu["copy_GBps"], "inputs_per_s": batch / stats.median}
-    if gpu["peak_GBps"]:
-        out["pct_of_peak"] = 100.0 * gbps / gpu["peak_GBps"]
+def gpu_timing_extra(benchmark, traffic_bytes: int, batch: int, gpu: dict) -> dict:
+    """timing_extra of the CPU benchmarks against the GPU's copy bandwidth, plus inputs/s and % of HBM peak."""
+    out = timing_extra(benchmark, traffic_bytes, gpu)
+    if out:
+        out["inputs_per_s"] = batch / out["median_s"]
+        if gpu["peak_GBps"]:
+            out["pct_of_peak"] = 100.0 * out["GBps"] / gpu["peak_GBps"]
     return out
 
 
@@ -310,7 +306,7 @@ def test_bench_gpu(benchmark, gpu, size, dtype, op, impl):
     benchmark.group = f"{op} {size} {dtype}"
     run_pedantic(benchmark, timed_step(f, x, backward))
     x.grad = None
-    extra.update(timing_extra(benchmark, factor * bytes_x, b, gpu))
+    extra.update(gpu_timing_extra(benchmark, factor * bytes_x, b, gpu))
     benchmark.extra_info.update(extra)
 
 
@@ -357,5 +353,5 @@ def test_bench_gpu_eot(benchmark, gpu, variant, impl):
     extra["traffic_bytes"] = traffic
     benchmark.group = f"eot_step {variant} {EOT_SIZE} fp32"
     run_pedantic(benchmark, f)
-    extra.update(timing_extra(benchmark, traffic, x.shape[0], gpu))
+    extra.update(gpu_timing_extra(benchmark, traffic, x.shape[0], gpu))
     benchmark.extra_info.update(extra)
