@@ -61,9 +61,11 @@ def default_backend(device_type: str) -> str:
     if device_type == "cpu":
         return "cpu" if extension_built() else "torch"
     if device_type == "cuda":
-        # Triton is opt-in (backend='triton') until its kernels have run on a real GPU: so far they are
-        # verified only under the interpreter, and a compile failure must not replace a working default.
-        return "cuda" if cuda_built() else "torch"
+        # The CUDA kernels when the build had a toolkit; else the Triton kernels, which need no build
+        # (torch's CUDA wheels bring triton): a CUDA torch without nvcc still gets fused kernels.
+        if cuda_built():
+            return "cuda"
+        return "triton" if triton_installed() else "torch"
     return "torch"
 
 

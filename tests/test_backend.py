@@ -75,10 +75,20 @@ def test_backends_constant_and_build_flags():
 
 def test_default_backend():
     assert fastdiv.default_backend("cpu") == "cpu"
-    # Triton stays opt-in on CUDA tensors until it has been verified on a GPU
-    assert fastdiv.default_backend("cuda") == ("cuda" if fastdiv.cuda_built() else "torch")
+    expected = "cuda" if fastdiv.cuda_built() else ("triton" if _backend.triton_installed() else "torch")
+    assert fastdiv.default_backend("cuda") == expected
     assert fastdiv.default_backend("mps") == "torch"
     assert fastdiv.default_backend("meta") == "torch"
+
+
+@pytest.mark.parametrize("cuda,triton,expected", [(True, True, "cuda"), (True, False, "cuda"),
+                                                  (False, True, "triton"), (False, False, "torch")])
+def test_default_backend_for_cuda_tensors(monkeypatch, cuda, triton, expected):
+    """CUDA tensors: the CUDA kernels if built, else Triton if installed, else the reference."""
+    monkeypatch.setattr(_backend, "cuda_built", lambda: cuda)
+    monkeypatch.setattr(_backend, "triton_installed", lambda: triton)
+    assert fastdiv.default_backend("cuda") == expected
+    assert fastdiv.default_backend("cpu") == "cpu"  # CPU tensors never go to Triton by default
 
 
 def test_resolve_backend(monkeypatch):
