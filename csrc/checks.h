@@ -155,8 +155,19 @@ inline EotStepArgs prepare_eot_step(const at::Tensor& x, const at::Tensor& x0, c
   return args;
 }
 
+// normalize_pullback: the upstream gradient (x's shape, dtype and device) as a contiguous copy, and dx
+// contiguous like x.
+inline std::tuple<at::Tensor, at::Tensor> prepare_normalize_pullback(const at::Tensor& x, const at::Tensor& grad,
+                                                                     c10::DeviceType device) {
+  check_rows(x, "normalize_pullback", device);
+  check_same_as_x(grad, x, "normalize_pullback", "grad");
+  return {grad.contiguous(), contiguous_like(x)};
+}
+
 // column_stats: r [B, n], mean and var [B, D], all acc.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_column_stats(const at::Tensor& x) {
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_column_stats(const at::Tensor& x,
+                                                                           c10::DeviceType device) {
+  check_rows(x, "column_stats", device);
   const auto opts = acc_options(x);
   return {at::empty({x.size(0), x.size(1)}, opts), at::empty({x.size(0), x.size(2)}, opts),
           at::empty({x.size(0), x.size(2)}, opts)};

@@ -221,17 +221,13 @@ at::Tensor normalize(const at::Tensor& x, double eps) {
 }
 
 at::Tensor normalize_pullback(const at::Tensor& x, const at::Tensor& grad, double eps) {
-  check_rows(x, "normalize_pullback", at::kCPU);
-  check_same_as_x(grad, x, "normalize_pullback", "grad");
-  const at::Tensor g = grad.contiguous();
-  at::Tensor dx = contiguous_like(x);
+  auto [g, dx] = prepare_normalize_pullback(x, grad, at::kCPU);
   FASTDIV_DISPATCH(x, "fastdiv::normalize_pullback", [&] { normalize_pullback_kernel<scalar_t>(x, g, eps, dx); });
   return dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats(const at::Tensor& x, double eps) {
-  check_rows(x, "column_stats", at::kCPU);
-  auto [r, mean, var] = allocate_column_stats(x);
+  auto [r, mean, var] = prepare_column_stats(x, at::kCPU);
   FASTDIV_DISPATCH(x, "fastdiv::column_stats", [&] { column_stats_kernel<scalar_t>(x, eps, r, mean, var); });
   return {r, mean, var};
 }

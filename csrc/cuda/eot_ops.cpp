@@ -21,9 +21,9 @@ std::tuple<at::Tensor, at::Tensor> eot_step_op(const at::Tensor& x, const at::Te
   const at::Tensor ws = ws_bytes > 0 ? at::empty({ws_bytes}, grads.options().dtype(at::kByte)) : at::Tensor();
   check_launch(eot_step(rows_view(grads), x.const_data_ptr(), x.stride(0), x0.const_data_ptr(), x0.stride(0),
                         args.alpha.const_data_ptr(), args.eps.const_data_ptr(), args.l2, lo, hi, clip,
-                        has_m ? args.momentum.const_data_ptr() : nullptr, has_m ? args.momentum.stride(0) : 0, decay,
-                        args.out.data_ptr(), has_m ? args.momentum_out.data_ptr() : nullptr,
-                        ws_bytes > 0 ? ws.data_ptr() : nullptr, current_stream()),
+                        data_or_null(args.momentum), has_m ? args.momentum.stride(0) : 0, decay,
+                        args.out.data_ptr(), data_or_null(args.momentum_out),
+                        data_or_null(ws), current_stream()),
                "eot_step");
   return {args.out, args.momentum_out};
 }

@@ -28,6 +28,9 @@ inline RowsView rows_view(const at::Tensor& x) {
   return RowsView{x.data_ptr(), dtype_of(x), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1)};
 }
 
+// The launchers take nullptr for an absent optional input or output: an undefined or empty tensor.
+inline void* data_or_null(const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr; }
+
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // A launcher's status as a c10 error naming the op.

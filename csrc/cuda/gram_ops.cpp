@@ -20,8 +20,6 @@ at::Tensor workspace_for(const at::Tensor& x) {
                    x.options().dtype(at::kByte));
 }
 
-void* data_or_null(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
-
 std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& x, bool with_l1) {
   auto [s, l1] = prepare_gram(x, with_l1, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -35,7 +33,7 @@ at::Tensor gram_pullback_op(const at::Tensor& x, const at::Tensor& a, const std:
   const GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor* s = args.scale;
-  check_launch(cuda::gram_pullback(rows_view(x), args.a.data_ptr(), args.beta.defined() ? args.beta.data_ptr() : nullptr,
+  check_launch(cuda::gram_pullback(rows_view(x), args.a.data_ptr(), data_or_null(args.beta),
                                    s ? s->data_ptr() : nullptr, s ? s->stride(0) : 0, args.dx.data_ptr(),
                                    current_stream()),
                "gram_pullback");

@@ -21,20 +21,16 @@ at::Tensor normalize_cuda(const at::Tensor& x, double eps) {
 }
 
 at::Tensor normalize_pullback_cuda(const at::Tensor& x, const at::Tensor& grad, double eps) {
-  check_rows(x, "normalize_pullback", at::kCUDA);
-  check_same_as_x(grad, x, "normalize_pullback", "grad");
+  auto [g, dx] = prepare_normalize_pullback(x, grad, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor g = grad.contiguous();
-  at::Tensor dx = contiguous_like(x);
   check_launch(normalize_pullback(rows_view(x), g.data_ptr(), eps, dx.data_ptr(), current_stream()),
                "normalize_pullback");
   return dx;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> column_stats_cuda(const at::Tensor& x, double eps) {
-  check_rows(x, "column_stats", at::kCUDA);
+  auto [r, mean, var] = prepare_column_stats(x, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [r, mean, var] = allocate_column_stats(x);
   check_launch(column_stats(rows_view(x), eps, r.data_ptr(), mean.data_ptr(), var.data_ptr(), current_stream()),
                "column_stats");
   return {r, mean, var};
@@ -46,9 +42,8 @@ at::Tensor column_stats_pullback_cuda(const at::Tensor& x, const at::Tensor& r, 
                                       const std::optional<at::Tensor>& grad_var, double eps) {
   ColumnStatsPullbackArgs args = prepare_column_stats_pullback(x, r, mean, grad_r, grad_mean, grad_var, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto ptr = [](const at::Tensor& t) -> const void* { return t.defined() ? t.data_ptr() : nullptr; };
-  check_launch(column_stats_pullback(rows_view(x), args.r.data_ptr(), args.mean.data_ptr(), ptr(args.grad_r),
-                                     ptr(args.grad_mean), ptr(args.grad_var), eps, args.dx.data_ptr(),
+  check_launch(column_stats_pullback(rows_view(x), args.r.data_ptr(), args.mean.data_ptr(), data_or_null(args.grad_r),
+                                     data_or_null(args.grad_mean), data_or_null(args.grad_var), eps, args.dx.data_ptr(),
                                      current_stream()),
                "column_stats_pullback");
   return args.dx;
