@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 3 and 4 as one prepared run, for a session that is lent an H100/H200 for a few
-# minutes: build the CUDA kernels, run the GPU tests on both GPU backends, and the GPU benchmarks whose
-# figures go into benchmarks/RESULTS.md § GPU. Each stage has its own time cap and the whole run stops
-# starting stages at a deadline, so the run fits one device call; the logs and JSON land under $OUT.
+# The GPU checks (GPU kernel targets; EOT-PGD batched vs the per-sample loop) as one prepared run, for a
+# short session on an H100/H200: build the CUDA kernels, run the GPU tests on both GPU backends, and the
+# GPU benchmarks whose figures go into benchmarks/RESULTS.md § GPU. Each stage has its own time cap and
+# the whole run stops starting stages at a deadline, so the run fits one ten-minute job; the logs and
+# JSON land under $OUT.
 #
 #   bash benchmarks/gpu_session.sh                   # every stage, in the order below
 #   bash benchmarks/gpu_session.sh build launches    # just these stages
@@ -11,14 +12,14 @@
 #   env       nvidia-smi, torch / triton / nvcc versions                                     (20)
 #   build     pip install -e . --no-build-isolation --no-deps, sm_90 only, all cores        (300)
 #   launches  tests/test_cuda.py: one launch forward / backward, profiler, info, no copy      (120)
-#   bench     benchmarks/test_bench_cuda.py, the default matrix (issue 3's targets)          (300)
-#   eot-pgd   benchmarks/test_bench_attacks.py on cuda (issue 4: batched vs loop, >= 3x)     (180)
+#   bench     benchmarks/test_bench_cuda.py, the default matrix (the GPU targets)            (300)
+#   eot-pgd   benchmarks/test_bench_attacks.py on cuda (EOT-PGD batched vs loop, >= 3x)     (180)
 #   tests     the whole of tests/test_cuda.py, stopping at the first failure                 (remaining)
 #
 # Environment: OUT (default ./gpu-out), PY (default python3), FASTDIV_GPU_DEADLINE (seconds after which no
-# stage starts and the running one is cut, default 570: the device tool allows 600 s a call).
-# --no-deps: the device machine has torch, triton and the test tools but no network. What comes back is
-# at most 8 files: session.log (the summary), one log per stage that ran, and the benchmark JSON files.
+# stage starts and the running one is cut, default 570: under a ten-minute limit per call).
+# --no-deps: the GPU machine is expected to have torch, triton and the test tools but no network. $OUT
+# gets at most 8 files: session.log (the summary), one log per stage that ran, and the benchmark JSON files.
 set -uo pipefail
 
 OUT=${OUT:-gpu-out}

@@ -1,5 +1,5 @@
 """EOT-PGD on the GradDiv MNIST CNN with Bayesian layers: fastdiv's batched attack vs the
-per-sample loop (issue 4's benchmark).
+per-sample loop.
 
 Case (GradDiv, Fig. 6 settings): EOT-PGD with n = 10 sample models per step, m = 20 steps,
 α = ε/4, ε = 0.1, B = 128 images of 1x28x28, on ``build_model('graddiv-mnist', kind='bayes')`` (every

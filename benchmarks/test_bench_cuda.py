@@ -3,7 +3,7 @@ CUDA kernels of fastdiv._C; ``triton``: the Triton kernels) vs the eager referen
 backend='torch', fastdiv/reference.py) vs ``compiled`` (torch.compile of the reference); and the fused
 EOT step. Skipped without a CUDA device.
 
-Targets (issue "GPU kernels"), on one H100 / H200. They are read off the results, never asserted:
+GPU targets, on one H100 / H200. They are read off the results, never asserted:
 
 - bandwidth: forward + backward of dpp_loss at (B=4096, n=10, D=3072) fp32 (size ``gpu-large``) at
   >= 75% of the GPU's peak HBM bandwidth, counting 3 x bytes(X): ``pct_of_peak`` of the
@@ -75,7 +75,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("cuda", "triton", "eager", "compiled")
 EOT_SIZE = "cifar10"  # test_bench_eot.py's (128, 10, (3, 32, 32)): D = 3072
-#: peak HBM bandwidth in bytes/s by GPU (DESIGN.md section 6)
+#: peak HBM bandwidth in bytes/s by GPU (docs/design.md §6)
 PEAK_HBM = {"H100 SXM": 3.35e12, "H200": 4.8e12}
 
 
@@ -286,7 +286,7 @@ def test_bench_gpu(benchmark, gpu, size, dtype, op, impl):
         run_once(op, f, x)
 
     # launches of the timed forward and backward (reduction 'mean'); for the fused impls also of the op
-    # alone (reduction='none' with a [B] upstream gradient): the issue's one-launch target
+    # alone (reduction='none' with a [B] upstream gradient): what the one-launch target counts
     x.grad = None
     if backward:
         extra.update(launch_counts(f, x, torch.ones((), device=DEVICE)))  # the losses are fp32

@@ -60,7 +60,7 @@ OPS: dict[str, Op] = {
     "concentration_stats": Op(fastdiv.concentration_stats, reference.concentration_stats, False),
 }
 
-#: (B, n, D) from the papers (DESIGN.md section 6); 'large' is the bandwidth-bound size (126 MB fp32).
+#: (B, n, D) from the papers (docs/design.md §6); 'large' is the bandwidth-bound size (126 MB fp32).
 SIZES: dict[str, tuple[int, int, int]] = {
     "mnist": (128, 3, 784),
     "cifar10": (128, 10, 3072),

@@ -1,7 +1,7 @@
 // The n x n "heads": every Gram-family loss of one input as a function of its raw Gram S = X X^T.
 //
 // A head returns the loss and the coefficients of its pullback, dL/dX = A X + beta ⊙ sign(X)
-// (DESIGN.md §2), so the backward pass is a single read of X. Heads run in double: they cost O(n^3)
+// (docs/design.md §2.3), so the backward pass is a single read of X. Heads run in double: they cost O(n^3)
 // per input against O(n^2 D) for the Gram, and double keeps log det and 1 - rho^2 accurate.
 //
 // Header-only and free of the C++ standard library's math so the same code runs in the CPU kernels
@@ -220,7 +220,7 @@ FASTDIV_HD inline double head_forward(Head head, const double* S, const double* 
       break;
   }
 
-  // Chain rule from dL/dC to dL/dS (S entries taken as independent, DESIGN.md §2): C_ij = S_ij r_i^-1
+  // Chain rule from dL/dC to dL/dS (S entries taken as independent, docs/design.md §2.3): C_ij = S_ij r_i^-1
   // r_j^-1 with r_i = sqrt(S_ii), so C_ii is the constant 1 and dC_ij/dS_ii = -C_ij / (2 S_ii). Rows
   // below the norm floor have C = 0 identically and get no gradient.
   double* Shat = inner;

@@ -1,5 +1,5 @@
 """The fused EOT attack step: one call updates an adversarial batch from the input gradients of n
-sample models (EOT-PGD, EOT-MI-FGSM; DESIGN.md §2)."""
+sample models (EOT-PGD, EOT-MI-FGSM; docs/design.md §2.6)."""
 from __future__ import annotations
 
 import math

@@ -4,10 +4,11 @@ A :class:`Preset` holds the values that differ from :class:`fastdiv.train.TrainC
 dataset-independent ``values``, per-dataset ``datasets`` overrides (``digits``, ``mnist``,
 ``cifar10``, ``stl10``, ``synthetic``) and optional alternative baselines ``bases`` (``--base
 rse`` for the GradDiv presets). :meth:`Preset.resolve` merges them in that order. Every value comes
-from shared/RECIPES.md (the papers in shared/papers/); where a paper is silent the choice is ours
-and the preset's ``description`` names it. ``digits`` (scikit-learn's 8x8 digits, the default
-dataset) and ``synthetic`` (tests) are quick versions of the MNIST recipe: the same models, fewer
-epochs and a smaller batch.
+from the paper in the preset's ``paper`` field (full citations in :data:`PAPERS` and docs/design.md
+§7); the comment above each table below names the paper's table or section it is taken from. Where a
+paper is silent the choice is ours: the comments mark it "(ours)" and the preset's ``description``
+names it. ``digits`` (scikit-learn's 8x8 digits, the default dataset) and ``synthetic`` (tests) are
+quick versions of the MNIST recipe: the same models, fewer epochs and a smaller batch.
 
 >>> from fastdiv.presets import PRESETS
 >>> PRESETS["graddiv-dpp"].resolve("cifar10")["milestones"]
@@ -26,17 +27,19 @@ __all__ = ["DATASET_NAMES", "PAPERS", "PRESETS", "Preset", "format_presets", "ge
 #: The datasets every preset has defaults for (fastdiv.data.DATASETS).
 DATASET_NAMES = ("digits", "mnist", "cifar10", "stl10", "synthetic")
 
+#: The source paper of each preset family: authors, title, venue, arXiv id (docs/design.md §7).
 PAPERS = {
-    "graddiv": "Lee et al., GradDiv: Adversarial Robustness of Randomized Neural Networks via Gradient "
-               "Diversity Regularization (shared/papers/graddiv.txt)",
-    "gal": "Kariyappa & Qureshi, Improving Adversarial Robustness of Ensembles with Diversity Training "
-           "(shared/papers/diversity-training-gal.txt)",
-    "clm": "Jasser, Resilience from Diversity: Population-based Approach to Harden Models against "
-           "Adversarial Attacks (Counter-Linked Models; shared/papers/counter-linked-models-clm.txt)",
-    "lpd": "Wu et al., Deep Ensemble Robustness by Adaptive Sampling in Dropout-Based Simultaneous "
-           "Training (shared/papers/laplace-priority-dropout-lpd.txt)",
-    "d3": "Defense Through Diverse Directions: Bayesian nets with diverse input-gradient directions "
-          "(shared/papers/diverse-directions-bnn.txt)",
+    "graddiv": "Sungyoon Lee, Hoki Kim, Jaewook Lee: GradDiv: Adversarial Robustness of Randomized Neural "
+               "Networks via Gradient Diversity Regularization. IEEE TPAMI, 2022. arXiv:2107.02425",
+    "gal": "Sanjay Kariyappa, Moinuddin K. Qureshi: Improving Adversarial Robustness of Ensembles with "
+           "Diversity Training. arXiv preprint, 2019. arXiv:1901.09981",
+    "clm": "Jasser Jasser, Ivan Garibay: Resilience from Diversity: Population-based Approach to Harden "
+           "Models against Adversarial Attacks (Counter-Linked Models). arXiv preprint, 2021. arXiv:2111.10272",
+    "lpd": "Quanwei Wu, Bo Huang, Yi Wang, Zhiwei Ke, Da Luo: Deep Ensemble Robustness by Adaptive Sampling "
+           "in Dropout-Based Simultaneous Training (Laplace Priority Dropout). ECAI, 2023. arXiv id: not "
+           "known to us",
+    "d3": "Christopher M. Bender, Yang Li, Yifeng Shi, Michael K. Reiter, Junier B. Oliva: Defense Through "
+          "Diverse Directions. ICML, 2020. arXiv:2003.10602",
 }
 
 
@@ -87,8 +90,11 @@ def _per_dataset(table: Mapping[str, Mapping[str, Any]], **fixed) -> dict[str, d
 # ------------------------------------------------------------------------------------------------
 
 _GRADDIV_DATA = {
-    # Table 2 of the supplement; batch 128 where illegible (MNIST, CIFAR-10); lambda = the
-    # cross-validated value of the dataset's best regularizer.
+    # GradDiv: epochs, milestones, warm-up and ramp-up from Table 2 of the supplement (batch 128 from
+    # it for STL-10; illegible for MNIST / CIFAR-10, so 128 there too, ours); eps_train from its on-the-fly
+    # PGD adversarial training (0.3 / 8/255 / 0.03); prior sigma0 from its Adv-BNN setup (0.05 / 0.1 /
+    # 0.15); lambda = the cross-validated value of the dataset's best regularizer (§5: MNIST R_kappa 1,
+    # CIFAR-10 R_DPP 1, STL-10 R_mean 0.7).
     "mnist": dict(model="graddiv-mnist", eps_train=0.3, sigma0=0.05, epochs=60, batch_size=128,
                   milestones=[30], warmup=3, rampup=20, lam=1.0),
     "cifar10": dict(model="vgg16", eps_train=8 / 255, sigma0=0.1, epochs=200, batch_size=128,
@@ -109,9 +115,14 @@ _DIGITS_NOTE = (
     "learns too slowly to recover) and kl_factor 5e-4 = 0.02 x 1,257 / 55,000 (the MNIST KL weight per "
     "training example).")
 
+# GradDiv's Adv-BNN baseline: KL factor 0.02, PGD adversarial training with 10 steps (alpha = eps/4, the
+# TrainConfig default), Adam lr 1e-3 with x0.1 decay at the milestones. adv_eot='one' (a fresh weight
+# sample per PGD step) is ours.
 _ADVBNN_VALUES = dict(kind="bayes", adv=True, adv_eot="one", adv_steps=10, kl_factor=0.02, lr=1e-3,
                       optimizer="adam", lr_decay=0.1)
 
+# RSE's own noise levels (Liu et al., "Towards Robust Neural Networks via Random Self-ensemble", ECCV
+# 2018, arXiv:1712.00673), the baseline of GradDiv's supplement; no KL, no adversarial training.
 _RSE_BASE = dict(kind="noise", kl_factor=0.0, adv=False, sigma_init=0.2, sigma_inner=0.1)
 
 _GRADDIV_NOTE = (
@@ -150,7 +161,8 @@ _ADVBNN = Preset(
 
 _RSE = Preset(
     name="rse",
-    paper=PAPERS["graddiv"] + "; Liu et al., Random Self-Ensemble",
+    paper=PAPERS["graddiv"] + "; Xuanqing Liu, Minhao Cheng, Huan Zhang, Cho-Jui Hsieh: Towards Robust Neural "
+                              "Networks via Random Self-ensemble. ECCV, 2018. arXiv:1712.00673",
     description=("Random Self-Ensemble: noise-injection layers (sigma_init 0.2 before the first layer, "
                  "sigma_inner 0.1 before the others), one noise draw per step, no adversarial training, "
                  "GradDiv's architectures and Table 2 schedule (choice: RSE's own schedule is SGD; we keep "
@@ -161,7 +173,8 @@ _RSE = Preset(
 
 _ADV_TRAIN = Preset(
     name="adv-train",
-    paper=PAPERS["graddiv"] + "; Madry et al. (the 'Adv.train' baseline)",
+    paper=PAPERS["graddiv"] + "; Madry et al.: Towards Deep Learning Models Resistant to Adversarial Attacks. "
+                              "ICLR, 2018. arXiv:1706.06083 (the 'Adv.train' baseline)",
     description=("Plain PGD adversarial training of a deterministic net (eps_train per dataset, alpha = eps/4, "
                  "10 steps), GradDiv's architectures and Table 2 schedule."),
     values=dict(kind="deterministic", adv=True, adv_steps=10, reg=None, samples=1, lr=1e-3, optimizer="adam"),
@@ -172,11 +185,15 @@ _ADV_TRAIN = Preset(
 # Diversity Training (GAL) family: deterministic ensembles of 5
 # ------------------------------------------------------------------------------------------------
 
+# Diversity Training, experimental setup: Conv-3 for 10 epochs on MNIST, Conv-4 for 20 on CIFAR-10;
+# D_noise and the ensemble-adversarial-training eps 0.3 (MNIST) / 0.09 (CIFAR-10); random shifts, plus
+# flips on CIFAR-10. Shift sizes are ours (see _GAL_NOTE).
 _GAL_DATA = {
     "mnist": dict(model="conv3", epochs=10, eps_train=0.3, noise_eps=0.3, augment="shift", shift=2),
     "cifar10": dict(model="conv4", epochs=20, eps_train=0.09, noise_eps=0.09, augment="shift-flip", shift=4),
     # not in the paper (ours): Conv-4 on STL-10 with the CIFAR-10 augmentation and eps 0.03
     "stl10": dict(model="conv4", epochs=20, eps_train=0.03, noise_eps=0.03, augment="shift-flip", shift=8),
+    # digits / synthetic (ours): the MNIST recipe with eps 0.1 on 8x8 images
     "digits": dict(model="conv3", epochs=10, eps_train=0.1, noise_eps=0.1, augment="shift", shift=1),
     "synthetic": dict(model="conv3", epochs=2, eps_train=0.1, noise_eps=0.1, augment="shift", shift=1,
                       batch_size=32),
@@ -194,6 +211,8 @@ _ENSADV = (" plus D_adv: an FGSM copy of every batch from a static deterministic
            "architecture (--source-run, else trained first for source_epochs), per-example step |N(0, (eps/2)^2)| "
            "truncated at eps")
 
+# Diversity Training: ensembles of 5, Adam lr 1e-3, lambda 0.5 (set in _gal_family); batch 128 and no
+# learning-rate decay are ours.
 _ENSEMBLE_VALUES = dict(wrapper="ensemble", members=5, kind="deterministic", samples=5, lr=1e-3,
                         optimizer="adam", batch_size=128, milestones=[], warmup=0, rampup=0, kl_factor=0.0,
                         adv=False)
@@ -215,6 +234,9 @@ def _gal_family(name: str, *, reg: bool, ens_adv: bool) -> Preset:
 # Counter-Linked Models: populations of 10
 # ------------------------------------------------------------------------------------------------
 
+# Counter-Linked Models: alpha / delta of PRSE (LeNet5 0.1 / 0.1, ResNet18 0.5 / 0.1) and the adversarial
+# training of its robustness experiments (MNIST: PGD eps 0.3, step 0.01, 100 steps; CIFAR-10: eps 8/255,
+# step 2/255, 20 steps). STL-10 (eps 0.03, step eps/4), digits and synthetic are ours.
 _CLM_DATA = {
     "mnist": dict(model="lenet5", clm_alpha=0.1, clm_delta=0.1, eps_train=0.3, adv_alpha=0.01, adv_steps=100),
     "cifar10": dict(model="resnet18", clm_alpha=0.5, clm_delta=0.1, eps_train=8 / 255, adv_alpha=2 / 255,
@@ -226,10 +248,13 @@ _CLM_DATA = {
     "synthetic": dict(model="lenet5", clm_alpha=0.1, clm_delta=0.1, eps_train=0.1, adv_alpha=0.025, adv_steps=4,
                       batch_size=32),
 }
+# alpha / delta with adversarial training (the paper: LeNet5 0.01 / 5e-3, ResNet18 0.1 / 0.05)
 _CLM_ADV = {"mnist": (0.01, 5e-3), "cifar10": (0.1, 0.05), "stl10": (0.1, 0.05), "digits": (0.01, 5e-3),
             "synthetic": (0.01, 5e-3)}
+# epochs of the unlinked population (ours: the paper does not state them)
 _ULM_EPOCHS = {"mnist": 20, "cifar10": 100, "stl10": 100, "digits": 15, "synthetic": 2}
-# retraining a ULM into a CLM (the paper's protocol): LeNet5 lr 1e-4 for 5 epochs, ResNet18 1e-2 for 150
+# retraining a ULM into a CLM (the paper's protocol): LeNet5 lr 1e-4 for 5 epochs, ResNet18 1e-2 for 150;
+# digits / synthetic (ours) train from scratch
 _CLM_RETRAIN = {"mnist": (1e-4, 5), "cifar10": (1e-2, 150), "stl10": (1e-2, 150), "digits": (1e-3, 15),
                 "synthetic": (1e-3, 2)}
 
@@ -272,6 +297,7 @@ def _population(name: str, *, clm: bool, adv: bool) -> Preset:
 # Priority dropout (LPD, PDD): ensembles of 3 with adaptive dropout on the last FC layer
 # ------------------------------------------------------------------------------------------------
 
+# LPD: ResNet-18 members on CIFAR-10 (the epoch count, 100, is ours)
 _LPD_DATA = {
     "cifar10": dict(model="resnet18", epochs=100, augment="shift-flip", shift=4),
     # MNIST / STL-10 are not in the paper (ours)
@@ -283,6 +309,8 @@ _LPD_DATA = {
 
 
 def _priority(kind: str) -> Preset:
+    # LPD paper: K = 3 members, dropout on the last FC layer with s = 0.1, lambda = 0.5, alpha = 0.85,
+    # beta = 0.127 (gamma unstated: 1, ours); batch 64 is its timing batch; Adam lr 1e-3 is ours.
     values = dict(wrapper="ensemble", members=3, kind="deterministic", samples=3, reg=None, lam=0.0,
                   optimizer="adam", lr=1e-3, batch_size=64, milestones=[], warmup=0, rampup=0, kl_factor=0.0,
                   adv=False, dropout=kind, dropout_s=0.1, dropout_lambda=0.5, dropout_gamma=1.0)
@@ -308,6 +336,10 @@ def _priority(kind: str) -> Preset:
 # Defense through Diverse Directions: Bayesian nets, K = 10 draws, output-gradient penalties
 # ------------------------------------------------------------------------------------------------
 
+# Defense through Diverse Directions: lambda_M 20, lambda_V 40, lambda_S 40 on MNIST and lambda_M 10,
+# lambda_S 20 on CIFAR-10 (§5.3, §5.4; lambda_V 40 on CIFAR-10 is ours: the paper drops Omega_V there);
+# eps 0.3 (MNIST) / 0.03 (CIFAR-10) of its attacks; 100 epochs (§5.3.1, MNIST; elsewhere ours). sigma0
+# and kl_factor are Adv-BNN/GradDiv's (ours: the paper does not state its priors).
 _D3_DATA = {
     "mnist": dict(model="d3-mnist", epochs=100, eps_train=0.3, sigma0=0.05, kl_factor=0.02,
                   weights={"M": 20.0, "V": 40.0, "S": 40.0}),
@@ -327,6 +359,8 @@ _D3_NAMES = {"M": "d3-mean", "V": "d3-var", "S": "d3-sparse"}
 
 
 def _d3(terms: str, offline: bool) -> Preset:
+    # the paper: K = 10 weight draws, offline adversarial training with PGD-40 examples of a deterministic
+    # net; Adam lr 1e-3, batch 128 and no ramp-up are ours
     datasets = {}
     for ds in DATASET_NAMES:
         d = dict(_D3_DATA[ds])

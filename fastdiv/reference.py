@@ -9,10 +9,12 @@ public wrappers in :mod:`fastdiv.losses`.
 All functions take ``grads`` shaped ``[B, n, *features]``: row ``grads[b, i]`` is the input gradient
 of sample model ``i`` at input ``b``. Features are flattened to ``D = prod(features)``.
 
-Papers (``shared/papers/``):
-  GradDiv (Lee et al.): eq. 16 (R_kappa), 17 (R_mean), 19 (R_DPP), supplement (R_max, R_smoothmax).
-  Diversity Training (Kariyappa & Qureshi): GAL = log sum_{a<b} exp cos(g_a, g_b).
-  Defense through Diverse Directions: eq. 14 (Omega_M), 15-17 (Omega_V), 18 (Omega_S).
+Papers (full citations in docs/design.md §7):
+  GradDiv (Lee, Kim & Lee, IEEE TPAMI 2022, arXiv:2107.02425): eq. 16 (R_kappa), 17 (R_mean),
+    19 (R_DPP), supplement (R_max, R_smoothmax).
+  Diversity Training (Kariyappa & Qureshi 2019, arXiv:1901.09981): GAL = log sum_{a<b} exp cos(g_a, g_b).
+  Defense through Diverse Directions (Bender et al., ICML 2020, arXiv:2003.10602): eq. 14 (Omega_M),
+    15-17 (Omega_V), 18 (Omega_S).
 """
 from __future__ import annotations
 
@@ -199,7 +201,7 @@ def concentration_stats(grads: torch.Tensor, q: float = 1.0, jitter: float = JIT
 
 
 # ---------------------------------------------------------------------------------------------------
-# The EOT attack step (DESIGN.md §2), the oracle of the fused ``eot_step`` kernels.
+# The EOT attack step (docs/design.md §2.6), the oracle of the fused ``eot_step`` kernels.
 # ---------------------------------------------------------------------------------------------------
 
 EOT_NORMS = ("linf", "l2")

@@ -176,7 +176,7 @@ def test_reference_gal_and_smoothmax_relation():
 
 
 def test_reference_mean_penalty_is_rho_squared_and_mean_relation():
-    """Omega_M = rho^2 = (n + n(n-1) R_mean) / n^2 (sum of all cosines, DESIGN.md §2)."""
+    """Omega_M = rho^2 = (n + n(n-1) R_mean) / n^2 (sum of all cosines, docs/design.md §2.1)."""
     x = randn(3, 5, 8, seed=8)
     n = 5
     rho = reference.mean_resultant_length(x)

@@ -1,4 +1,4 @@
-// The fused EOT step (DESIGN.md §2): mean of the n sample gradients, sign (l_inf) or l2 direction,
+// The fused EOT step (docs/design.md §2.6): mean of the n sample gradients, sign (l_inf) or l2 direction,
 // optional MI-FGSM momentum, step, projection onto the eps-ball around x0 and clamp to [lo, hi].
 //
 // One batch element per iteration. The mean gradient (then the momentum) lives in a D-long acc

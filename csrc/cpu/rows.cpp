@@ -1,5 +1,5 @@
 // Kernels on unit rows u_i = x_i / r_i, r_i = max(||x_i||, eps): normalization and the per-column
-// statistics behind the Diverse-Directions variance penalties (DESIGN.md §2).
+// statistics behind the Diverse-Directions variance penalties (docs/design.md §2.5).
 //
 // Pullbacks share one rule. With G = dL/du, the derivative through the normalization is
 // dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i for rows above the norm floor; rows at or below it have no

@@ -1,6 +1,6 @@
 // Types shared by the CUDA launchers (csrc/cuda/*.cu: pure CUDA, compiled alone by nvcc or, emulated, by
 // a host compiler) and their torch glue (csrc/cuda/*_ops.cpp, CUDA builds only). Nothing here needs
-// torch, so the .cu files never include a torch header (DESIGN.md §5).
+// torch, so the .cu files never include a torch header (docs/design.md §5).
 #pragma once
 
 #include <driver_types.h>  // cudaStream_t, cudaError_t

@@ -1,4 +1,4 @@
-// The fused EOT step on the GPU (DESIGN.md §2), the same math and NaN rules as csrc/cpu/eot.cpp: mean of
+// The fused EOT step on the GPU (docs/design.md §2.6), the same math and NaN rules as csrc/cpu/eot.cpp: mean of
 // the n sample gradients, sign (l_inf) or l2 direction, optional MI-FGSM momentum, step by alpha_b,
 // projection onto the eps_b-ball around x0, clamp to [lo, hi].
 //
@@ -15,9 +15,9 @@
 //    buffer + x + x0 -> x_new (delta recomputed rather than stored: the momentum buffer must keep m_new).
 //    Every thread re-reads only the buffer entries it wrote itself, so no barrier is needed around the
 //    buffer; the reductions are block_sum's fixed-order warp/shared-memory trees: deterministic, no
-//    atomics. DESIGN.md §2's alternative for l2, expanding ||delta + a v/||v|| ||^2 into ||delta||^2,
-//    delta.v and ||v||^2 in one pass, is not used: it cancels catastrophically when the step lands near
-//    x0 and would differ from the CPU kernel, which reduces the stepped offset itself.
+//    atomics. The one-pass alternative for l2 (docs/design.md §2.6), expanding ||delta + a v/||v|| ||^2
+//    into ||delta||^2, delta.v and ||v||^2 in one pass, is not used: it cancels catastrophically when the
+//    step lands near x0 and would differ from the CPU kernel, which reduces the stepped offset itself.
 // As on the CPU, each thread accumulates its share of a norm in the acc type and the shares are summed
 // in double (rows.cpp's rule), and the mean sums the n rows in order (so the sign of a near-zero mean is
 // the CPU's).

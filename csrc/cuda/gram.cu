@@ -1,5 +1,5 @@
 // Gram-family CUDA kernels: the raw Gram, the fused per-input losses and statistics, and the pullback
-// dX = scale (A X + beta ⊙ sign(X)) (DESIGN.md §2).
+// dX = scale (A X + beta ⊙ sign(X)) (docs/design.md §2.3).
 //
 // Gram. The n rows of an input are cut into blocks of kRowBlock = 8; one thread block computes all
 // 8 x 8 products of a pair of row blocks per "group" of threads, each lane holding the 64 partial dot

@@ -1,6 +1,6 @@
 // Launchers of the "rows" CUDA kernels (csrc/cuda/rows.cu): unit rows u_i = x_i / r_i with
 // r_i = max(||x_i||, eps), the per-column statistics of u behind the Diverse-Directions variance
-// penalty, and their pullbacks (DESIGN.md §2). Pure CUDA: raw device pointers, sizes, strides and a
+// penalty, and their pullbacks (docs/design.md §2.5). Pure CUDA: raw device pointers, sizes, strides and a
 // stream; the torch glue is csrc/cuda/rows_ops.cpp and the semantics are those of csrc/cpu/rows.cpp.
 //
 // x is a RowsView [B, n, D]. "acc" buffers have the accumulation type of x (double for fp64 x, float

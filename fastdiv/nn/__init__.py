@@ -1,4 +1,4 @@
-"""Randomized and ensemble models whose n sample models run in one batched pass (DESIGN.md §1).
+"""Randomized and ensemble models whose n sample models run in one batched pass (the models of docs/design.md §1).
 
 :mod:`fastdiv.nn.sampling` defines how: a replicated batch plus per-sample draws.
 """

@@ -1,4 +1,4 @@
-"""The fused EOT attack step (DESIGN.md §2): mean of the n sample gradients, sign or l2 direction,
+"""The fused EOT attack step (docs/design.md §2.6): mean of the n sample gradients, sign or l2 direction,
 optional MI-FGSM momentum, step, projection onto the eps-ball and clamp, in one kernel.
 
 ``register(ns)`` installs the fake kernel for one op namespace (see gram.py). The op is not

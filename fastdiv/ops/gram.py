@@ -1,5 +1,5 @@
 """Gram-family ops: the raw Gram, the fused per-input losses (Gram + n x n head in one read of X)
-and their shared pullback dX = scale (A X + beta ⊙ sign(X)) (DESIGN.md §2).
+and their shared pullback dX = scale (A X + beta ⊙ sign(X)) (docs/design.md §2.3).
 
 ``register(ns)`` installs the fake kernels and autograd formulas for one op namespace ('fastdiv' for
 the C++ kernels, 'fastdiv_triton' for the Triton ones); the launchers take the namespace to call.

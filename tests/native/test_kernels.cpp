@@ -58,7 +58,8 @@ Tensor norms64(const Tensor& x) { return f64(x).square().sum(-1, /*keepdim=*/tru
 // 1 for rows above the norm floor, 0 for rows at or below it ([B, n, 1], float64).
 Tensor active64(const Tensor& x) { return (norms64(x) > kEps).to(at::kDouble); }
 
-// u = x / ||x|| per row in float64; rows with ||x|| <= eps have no direction, u = 0 (DESIGN, reference.py).
+// u = x / ||x|| per row in float64; rows with ||x|| <= eps have no direction, u = 0 (docs/design.md §2.1,
+// reference.py).
 Tensor unit_rows64(const Tensor& x) { return active64(x) * f64(x) / norms64(x).clamp_min(kEps); }
 
 
@@ -543,7 +544,7 @@ TEST(concentration_stats_matches_aten) {
 
 // --------------------------------------------------------------------------------- bad input
 
-// The fused EOT step against the formulas of DESIGN.md §2 in double, for both norms, with and without
+// The fused EOT step against the formulas of docs/design.md §2.6 in double, for both norms, with and without
 // MI-FGSM momentum, per-example alpha/eps and a strided [B, n, D] view of [n, B, D] gradients.
 TEST(eot_step_matches_aten) {
   for (const auto dtype : kDtypes)
