@@ -141,6 +141,21 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what: str = "",
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of the precision the kernels accumulate in for ``dtype`` inputs: fp64 for fp64, fp32 for every
+    reduced precision (fp32, bf16, fp16). The rounding of a half-precision *output* is separate."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
+
+
+def gamma(k: int, dtype: torch.dtype) -> float:
+    """Higham's gamma_k = k u / (1 - k u): the relative error bound of k rounded operations in a row
+    (any order of summation), e.g. of a length-k dot product, whatever the vector width, FMA use or
+    thread split of the machine that computes it."""
+    ku = k * unit_roundoff(dtype)
+    assert ku < 0.5, f"gamma_{k} is no bound at u = {unit_roundoff(dtype):.1e}"
+    return ku / (1 - ku)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------------

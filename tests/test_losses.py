@@ -20,7 +20,9 @@ from conftest import (
     assert_close64,
     assert_parity,
     dtype_id,
+    gamma,
     randn,
+    unit_roundoff,
     upstream_weights,
     value_and_grad,
 )
@@ -527,9 +529,23 @@ def test_dpp_aligned_rows_documented_value(backend, n, jitter):
     assert_finite(g, "gradient")
     if n == 10 and jitter == 1e-4:
         assert abs(expected - 80.6) < 0.05  # the number quoted in the docstring
-    # fp32 input: the fused kernels keep the same value
-    v32 = fastdiv.dpp_loss(x.float(), jitter=jitter, backend="cpu", reduction="none")
-    torch.testing.assert_close(v32.double(), v, rtol=1e-4, atol=1e-4)
+    # fp32 input, against an error bound (first order in the rounding; gamma_k = k u / (1 - k u)):
+    # - the Gram of the rows, accumulated in fp32 over D terms in any order, has |dS_ij| <= gamma_D
+    #   |x_i|.|x_j| <= gamma_D r_i r_j (Cauchy-Schwarz); with the norms' own error the cosines C_ij =
+    #   S_ij / (r_i r_j) are off by at most 2 gamma_(D+4). backend='torch' also runs logdet in fp32, whose
+    #   LU has backward error gamma_3n |L||U| <= 2 gamma_3n here (|L||U| <= 2 max |C + jitter I|).
+    # - -log det is dL = -tr(W dC) to first order, W = (C + jitter I)^-1; for aligned rows (C = 11^T)
+    #   W = (I - 11^T / (n + jitter)) / jitter, so sum |W_ij| ~ 2 (n - 1) / jitter: the bound grows like
+    #   u / jitter (0.02 absolute for n = 2, D = 8, jitter 1e-4, against a value of 8.5).
+    # - the fp32 result is rounded once more: u |L|.
+    # Rounding the aligned rows to fp32 turns them by ~u, which moves C by ~u^2 and L by ~u^2 / jitter.
+    n_, d = x.shape[1], x[0].numel() // x.shape[1]
+    w_abs = torch.linalg.inv(torch.ones(n_, n_, dtype=torch.float64) + jitter * torch.eye(n_, dtype=torch.float64)).abs()
+    d_cos = 2 * gamma(d + 4, torch.float32) + 2 * gamma(3 * n_, torch.float32)
+    bound = w_abs.sum().item() * d_cos + unit_roundoff(torch.float32) * abs(expected)
+    v32 = fastdiv.dpp_loss(x.float(), jitter=jitter, backend=backend, reduction="none")
+    err = (v32.double() - expected).abs().max().item()
+    assert err <= bound, f"fp32 aligned R_DPP error {err:.3e} above its rounding bound {bound:.3e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -541,7 +557,7 @@ def test_anti_aligned_pair_values(backend):
     assert_close64(fastdiv.mean_cosine_loss(x, **kw), minus_one, "R_mean")
     assert_close64(fastdiv.max_cosine_loss(x, **kw), minus_one, "R_max")
     assert_close64(fastdiv.mean_penalty(x, **kw), torch.zeros(2, dtype=torch.float64), "Omega_M")
-    # rho = sqrt(sum_ij C_ij) / n (DESIGN.md §2): the sqrt of a sum that cancels to ~1e-16 leaves rho
+    # rho = sqrt(sum_ij C_ij) / n (docs/design.md §2.1): the sqrt of a sum that cancels to ~1e-16 leaves rho
     # (and R_kappa ~ rho near 0) at ~1e-8 in fp64, not 1e-16.
     assert_close64(fastdiv.kappa_loss(x, **kw), torch.zeros(2, dtype=torch.float64), "R_kappa", atol=1e-7)
     j = 1e-4  # det [[1 + j, -1], [-1, 1 + j]] = 2 j + j^2
@@ -662,7 +678,7 @@ def test_inputs_never_modified(backend, dtype, sample_dim):
         assert torch.equal(leaf.detach(), leaf_before)
 
 
-# Documented guarantee (losses.py module docstring, DESIGN.md §3): "an all-zero gradient maps to the
+# Documented guarantee (losses.py module docstring, docs/design.md §3): "an all-zero gradient maps to the
 # zero vector and never produces NaN". Half precision has its own tests because fp16's range (6.1e-5 ..
 # 65504) cannot hold eps = 1e-12 nor the 1/eps-sized derivative of a row below the norm floor.
 @pytest.mark.parametrize("backend", BACKENDS)
