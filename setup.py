@@ -1,60 +1,71 @@
-"""Builds fastdiv._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit and a CUDA
-build of torch are both present.
+"""Builds fastdiv, with its C++ CPU kernels (fastdiv._C) compiled now when torch is importable here.
 
-    pip install -e . --no-build-isolation
+    pip install -e . --no-build-isolation    # against the installed torch: _C is built now (ninja)
+    pip install .   /   pip install -e .     # isolated build, no torch in it: the wheel carries the
+                                             # C++ sources and the first `import fastdiv` compiles them
+                                             # (fastdiv/_jit.py)
+
+fastdiv declares no build-time torch on purpose: an isolated build would install a second torch just to
+compile against it, and an extension built against one torch does not load in another.
+
+The CUDA kernels are built too when a CUDA toolkit and a CUDA build of torch are both present.
 
 Environment:
   FASTDIV_FORCE_CUDA=1   build the CUDA sources even if torch reports no CUDA device/toolkit
   FASTDIV_NO_CUDA=1      never build them
-  FASTDIV_CPU_ARCH       value for -march (default "native"; set it empty for a portable build)
+  FASTDIV_CPU_ARCH       value for -march (default "native"; e.g. x86-64-v3; empty for the compiler default)
   TORCH_CUDA_ARCH_LIST, MAX_JOBS   honored as by torch.utils.cpp_extension
 """
-import glob
+import importlib.util
 import os
+import sys
 
 from setuptools import setup
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_flags():
+    """fastdiv/_build_flags.py by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_fastdiv_build_flags", os.path.join(ROOT, "fastdiv", "_build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _build_cuda() -> bool:
-    if _flag("FASTDIV_NO_CUDA"):
-        return False
-    if _flag("FASTDIV_FORCE_CUDA"):
-        return True
-    import torch
-
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-
-
 def _rel(paths):
-    return sorted(os.path.relpath(p, ROOT) for p in paths)
+    return [os.path.relpath(p, ROOT) for p in paths]
 
 
-def extensions():
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    arch = os.environ.get("FASTDIV_CPU_ARCH", "native").strip()
-    # C++20: torch 2.13's headers are written for it (cpp_extension's own default)
-    cxx = ["-O3", "-fopenmp", "-std=c++20"] + ([f"-march={arch}"] if arch else [])
+def extensions_and_commands():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastdiv: torch is not importable in this build environment; the C++ kernels will be compiled "
+              "on first import (or build now with `pip install -e . --no-build-isolation`)", file=sys.stderr)
+        return [], {}
+    flags = _load_build_flags()
     args = dict(
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        include_dirs=[flags.CSRC],
+        extra_compile_args={"cxx": flags.cxx_flags()},
+        extra_link_args=flags.LINK_FLAGS,
     )
-    if _build_cuda():
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    sources = _rel(flags.cpu_sources())
+    build_cuda = not _flag("FASTDIV_NO_CUDA") and (
+        _flag("FASTDIV_FORCE_CUDA") or (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None))
+    if build_cuda:
         args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20"]
         args["define_macros"] = [("FASTDIV_WITH_CUDA", "1")]
-        return [cpp_extension.CUDAExtension("fastdiv._C", sources, **args)]
-    return [cpp_extension.CppExtension("fastdiv._C", sources, **args)]
+        ext = cpp_extension.CUDAExtension("fastdiv._C", sources + _rel(flags.cuda_sources()), **args)
+    else:
+        ext = cpp_extension.CppExtension("fastdiv._C", sources, **args)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
-setup(
-    ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+ext_modules, cmdclass = extensions_and_commands()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

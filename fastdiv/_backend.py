@@ -14,24 +14,55 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-BUILD_HINT = "build it with `pip install -e . --no-build-isolation` from the fastdiv source tree"
+BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` from the fastdiv source tree, or let "
+              "the first import compile it (needs a C++ compiler and `pip install ninja`; FASTDIV_JIT unset)")
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.fastdiv.*)
 
-    EXTENSION_ERROR: str | None = None
-except ImportError as exc:  # the package still works on the 'torch' backend
-    EXTENSION_ERROR = str(exc)
+def _load_extension() -> tuple[str | None, str | None]:
+    """Loads the CPU kernels; returns (where they came from, None) or (None, why they did not load).
+
+    The build made at install (fastdiv._C) is used when present; without one, and with the C++ sources
+    at hand, they are compiled on this first import (fastdiv/_jit.py says why and where they are cached).
+    """
+    from . import _jit
+
+    jit = _jit.mode()
+    if jit != "force":
+        try:
+            from . import _C  # loading the library registers torch.ops.fastdiv.*
+
+            return f"built at install: {_C.__file__}", None
+        except ModuleNotFoundError as exc:
+            if jit == "never" or not _jit.sources_present():
+                return None, f"{exc} (and FASTDIV_JIT=0 or no C++ sources to compile on import)"
+        except ImportError as exc:  # present but unloadable (built against another torch, say)
+            return None, str(exc)
+    try:
+        return f"compiled on import (first import builds, later ones load the cache): {_jit.load()}", None
+    except Exception as exc:  # no compiler, no ninja, a compile error: the 'torch' backend still works
+        return None, f"compiling the CPU kernels on import failed: {type(exc).__name__}: {exc}"
+
+
+EXTENSION_SOURCE, EXTENSION_ERROR = _load_extension()
+if EXTENSION_ERROR is not None:
     warnings.warn(
-        f"fastdiv._C is not built ({exc}); every op falls back to the slow backend='torch'. To get the "
-        f"fused kernels, {BUILD_HINT}.",
+        f"fastdiv's CPU kernels did not load ({EXTENSION_ERROR}); every op falls back to the slow "
+        f"backend='torch'. To get the fused kernels, {BUILD_HINT}.",
         RuntimeWarning,
         stacklevel=2,
     )
 
 
+def cpu_build_capability() -> str | None:
+    """The instruction set the loaded CPU kernels were compiled for ('AVX512', 'AVX2', 'SSE4.2', ...),
+    None when they did not load."""
+    if EXTENSION_ERROR is not None:
+        return None
+    return torch.ops.fastdiv_build.cpu_capability()
+
+
 def extension_built() -> bool:
-    """True when fastdiv._C (the C++ CPU kernels) loaded."""
+    """True when the C++ CPU kernels loaded (fastdiv._C, or the library compiled on first import)."""
     return EXTENSION_ERROR is None
 
 
@@ -92,7 +123,7 @@ def resolve_backend(backend: str, tensor: torch.Tensor, fn: str) -> str:
         return backend
     # the compiled backends: each needs tensors on its own device and its kernels in fastdiv._C
     is_built, missing = {
-        "cpu": (extension_built, lambda: f"fastdiv._C, which failed to load ({EXTENSION_ERROR})"),
+        "cpu": (extension_built, lambda: f"the C++ CPU kernels, which did not load ({EXTENSION_ERROR})"),
         "cuda": (cuda_built, lambda: "fastdiv._C built with CUDA (a CUDA toolkit and a CUDA build of "
                                      "torch at build time)"),
     }[backend]

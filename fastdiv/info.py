@@ -30,6 +30,10 @@ def info() -> dict:
             "torch": True,
         },
         "extension_error": _backend.EXTENSION_ERROR,
+        "extension_source": _backend.EXTENSION_SOURCE,
+        "cpu_kernels_built_for": _backend.cpu_build_capability(),
+        # what ATen detected on this CPU (its own dispatch; ATEN_CPU_CAPABILITY overrides it)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "auto": {"cpu": _backend.default_backend("cpu"), "cuda": _backend.default_backend("cuda")},
         "FASTDIV_BACKEND": os.environ.get("FASTDIV_BACKEND") or None,
         "threads": torch.get_num_threads(),
@@ -42,7 +46,11 @@ def format_info(data: dict) -> str:
     for name, ok in data["backends"].items():
         lines.append(f"  {name:<7}{'yes' if ok else 'no'}")
     if data["extension_error"]:
-        lines.append(f"  (fastdiv._C failed to load: {data['extension_error']})")
+        lines.append(f"  (the CPU kernels did not load: {data['extension_error']})")
+    else:
+        lines.append(f"CPU kernels: {data['extension_source']}")
+        lines.append(f"CPU kernels built for: {data['cpu_kernels_built_for']} (this CPU, as ATen sees it: "
+                     f"{data['cpu_capability']})")
     lines.append(f"auto picks: cpu tensors -> {data['auto']['cpu']}, cuda tensors -> {data['auto']['cuda']}")
     if data["FASTDIV_BACKEND"]:
         lines.append(f"FASTDIV_BACKEND={data['FASTDIV_BACKEND']} overrides 'auto'")

@@ -130,7 +130,7 @@ def test_extension_missing_falls_back_to_torch(monkeypatch):
     assert data["backends"]["cpu"] is False and data["auto"]["cpu"] == "torch"
     from fastdiv.info import format_info
 
-    assert "fastdiv._C failed to load: No module named 'fastdiv._C'" in format_info(data)
+    assert "the CPU kernels did not load: No module named 'fastdiv._C'" in format_info(data)
     assert "auto picks: cpu tensors -> torch" in format_info(data)
 
 

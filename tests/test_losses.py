@@ -182,7 +182,7 @@ def test_shapes_number_of_samples(case, n):
     check_fp64_and_fp32(case, randn(3, n, 37, seed=n))
 
 
-# 2047/2048/2049 straddle the kernels' column tile (kTile in csrc/cpu/tile.h; 511-513 the former
+# 2047/2048/2049 straddle the kernels' column tile (kTile in fastdiv/csrc/cpu/tile.h; 511-513 the former
 # one); 4099 with B = 5 splits the batch over several parallel tasks; 100_000 is a long accumulation.
 D_VALUES = [1, 2, 7, 31, 33, 100, 511, 512, 513, 1000, 2047, 2048, 2049, 4099, 100_000]
 

@@ -1,4 +1,4 @@
-"""The torch.library ops behind the compiled backend (fastdiv/ops, csrc/ops.cpp): their raw semantics,
+"""The torch.library ops behind the compiled backend (fastdiv/ops, fastdiv/csrc/ops.cpp): their raw semantics,
 torch.library.opcheck, torch.compile(fullgraph=True), argument errors and the double-backward guard."""
 from __future__ import annotations
 
@@ -371,7 +371,7 @@ def test_compile_empty_batch():
 
 
 def test_python_schemas_match_the_cpp_library():
-    """fastdiv/ops/schemas.py (used to define the Triton namespace) must not drift from csrc/ops.cpp."""
+    """fastdiv/ops/schemas.py (used to define the Triton namespace) must not drift from fastdiv/csrc/ops.cpp."""
     from fastdiv.ops.schemas import SCHEMAS
 
     for name, schema in SCHEMAS.items():

@@ -1,5 +1,5 @@
 """torch.library glue for the compiled ops: fake (meta) kernels for torch.compile, autograd formulas
-that call the fused pullback kernels, and thin launchers. The C++ schemas live in csrc/ops.cpp; the
+that call the fused pullback kernels, and thin launchers. The C++ schemas live in fastdiv/csrc/ops.cpp; the
 Triton backend defines the same ones under the ``fastdiv_triton`` namespace (triton_ops.py)."""
 from .._backend import extension_built, triton_installed
 from . import eot, gram, rows

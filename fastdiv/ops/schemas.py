@@ -1,4 +1,4 @@
-"""The op schemas, as the C++ library defines them in csrc/ops.cpp (a test checks they agree).
+"""The op schemas, as the C++ library defines them in fastdiv/csrc/ops.cpp (a test checks they agree).
 
 The Triton backend defines the same schemas under its own namespace, ``fastdiv_triton``, from this
 list: C++ owns the ``fastdiv`` namespace, and a Triton-only install has no C++ to read them from.

@@ -1,4 +1,4 @@
-"""Defines the ``fastdiv_triton`` op namespace: the schemas of csrc/ops.cpp, implemented by the Triton
+"""Defines the ``fastdiv_triton`` op namespace: the schemas of fastdiv/csrc/ops.cpp, implemented by the Triton
 launchers of :mod:`fastdiv.triton` for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
 (Triton's interpreter; how the kernels are tested without a GPU)."""
 from __future__ import annotations

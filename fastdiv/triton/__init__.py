@@ -1,5 +1,5 @@
 """Triton kernels of fastdiv: plain launcher functions with the semantics of the C++ ops
-``torch.ops.fastdiv.<name>`` (csrc/ops.cpp). x is [B, n, D] with unit stride on D and any strides on B
+``torch.ops.fastdiv.<name>`` (fastdiv/csrc/ops.cpp). x is [B, n, D] with unit stride on D and any strides on B
 and n; outputs are contiguous; accumulation is fp32 (fp64 for fp64 inputs); no atomics.
 
 This package imports triton at import time; import it lazily from the rest of fastdiv. Inputs are

@@ -5,7 +5,7 @@ Each program reads X_b in D tiles and accumulates the raw Gram S (and the row l1
 when the head needs the resultant (R_kappa, Omega_M, the statistics) it reads the same rows a second
 time for the column sums m = sum_i x_i / r_i in float64; then it runs the n x n head in float64 on
 [BLOCK_N, BLOCK_N] register tiles and writes loss [B], A [B, n, n], beta [B, n] (or the [B, 6] row
-of statistics). The head math is csrc/head_math.h, statement for statement where the order of
+of statistics). The head math is fastdiv/csrc/head_math.h, statement for statement where the order of
 operations matters (norm floor, kRhoFloor, the rho clamp, the W -> Ŝ chain rule, the NaN rule); sums
 over i, j are tree reductions instead of sequential loops, which changes rounding only.
 

@@ -1,5 +1,5 @@
 """The n x n Gram heads, batched over B in float64 torch ops; a line-by-line mirror of
-csrc/cpu/heads.cpp (same norm floor, same kRhoFloor, same W -> Ŝ chain rule, same NaN rule).
+fastdiv/csrc/cpu/heads.cpp (same norm floor, same kRhoFloor, same W -> Ŝ chain rule, same NaN rule).
 
 They cost O(n^3) per input against O(n^2 D) for the Gram kernel, and float64 keeps log det and
 1 - rho^2 accurate. Every function takes and returns float64 tensors.

@@ -1,5 +1,5 @@
 // What the emulated CUDA kernel tests (tests/native/test_cuda_*.cpp) share: host tensors as the raw
-// views the launchers of csrc/cuda/ take. Include after the .cu file under test.
+// views the launchers of fastdiv/csrc/cuda/ take. Include after the .cu file under test.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-// The fused EOT step CUDA kernels (csrc/cuda/eot.cu) run on the host by the emulation of
-// csrc/cuda/emulate.h (FASTDIV_CUDA_EMULATE, set by CMakeLists.txt) and compared with the CPU kernel
+// The fused EOT step CUDA kernels (fastdiv/csrc/cuda/eot.cu) run on the host by the emulation of
+// fastdiv/csrc/cuda/emulate.h (FASTDIV_CUDA_EMULATE, set by CMakeLists.txt) and compared with the CPU kernel
 // fastdiv::cpu::eot_step on the same inputs: every mode (l_inf / l2, with and without MI-FGSM momentum),
 // every dtype, strided inputs, degenerate and NaN/Inf gradients. "Device" pointers are host pointers.
 //

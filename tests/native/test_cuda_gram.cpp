@@ -1,8 +1,8 @@
-// The Gram-family CUDA kernels (csrc/cuda/gram.cu) run on the host by the emulation of
-// csrc/cuda/emulate.h (FASTDIV_CUDA_EMULATE, set by CMake), compared with the CPU kernels: the raw Gram,
+// The Gram-family CUDA kernels (fastdiv/csrc/cuda/gram.cu) run on the host by the emulation of
+// fastdiv/csrc/cuda/emulate.h (FASTDIV_CUDA_EMULATE, set by CMake), compared with the CPU kernels: the raw Gram,
 // the fused losses (n <= 32, one launch) and the two-launch path (n > 32), the statistics and the
 // pullback, for every dtype, strided inputs, degenerate rows, empty batches and bit-for-bit repeats.
-// The heads themselves are the shared code of csrc/head_math.h, so any difference here is the Gram,
+// The heads themselves are the shared code of fastdiv/csrc/head_math.h, so any difference here is the Gram,
 // the resultant pass or the plumbing.
 #include <ATen/ATen.h>
 

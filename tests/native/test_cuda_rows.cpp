@@ -1,6 +1,6 @@
-// Emulated tests of the CUDA "rows" kernels (csrc/cuda/rows.cu: normalize, normalize_pullback,
+// Emulated tests of the CUDA "rows" kernels (fastdiv/csrc/cuda/rows.cu: normalize, normalize_pullback,
 // column_stats, column_stats_pullback). The .cu file is compiled here as host C++ with
-// FASTDIV_CUDA_EMULATE (csrc/cuda/emulate.h: every CUDA thread is a std::thread, "device" pointers are
+// FASTDIV_CUDA_EMULATE (fastdiv/csrc/cuda/emulate.h: every CUDA thread is a std::thread, "device" pointers are
 // host pointers); its launchers run on CPU tensors and are compared with the CPU kernels
 // (fastdiv::cpu::*), whose own correctness test_kernels.cpp checks against ATen.
 //

@@ -1,6 +1,6 @@
-// Native tests of the fastdiv CPU kernels (csrc/cpu) without Python: the ops are called directly
+// Native tests of the fastdiv CPU kernels (fastdiv/csrc/cpu) without Python: the ops are called directly
 // through fastdiv::cpu::* and through the PyTorch dispatcher (proving the TORCH_LIBRARY registrations
-// of csrc/ops.cpp run when the library is loaded). The oracle is plain ATen math in float64.
+// of fastdiv/csrc/ops.cpp run when the library is loaded). The oracle is plain ATen math in float64.
 // Built and run by CMakeLists.txt (CTest), also under AddressSanitizer + UBSan in CI.
 //
 // The assertion harness is harness.h.

@@ -11,7 +11,7 @@
 //
 // Fused losses (n <= 32, one launch): after the Gram, the same block re-reads the input once more for
 // the column resultant ||sum_i u_i||^2 when the head needs it (R_kappa, Omega_M, the statistics; the
-// slab is then still in L2), and one thread runs the n x n head of csrc/head_math.h in double on the
+// slab is then still in L2), and one thread runs the n x n head of fastdiv/csrc/head_math.h in double on the
 // Gram held in shared memory: the code, and so the results, of the CPU kernels. Larger n take two
 // launches per chunk of inputs: the Gram into a double workspace, then one block per input for the
 // resultant and the head.

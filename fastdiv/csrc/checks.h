@@ -1,5 +1,5 @@
-// Argument checks of the fastdiv ops, shared by the CPU registrations (csrc/cpu/) and the CUDA ones
-// (csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message; for the ops with many
+// Argument checks of the fastdiv ops, shared by the CPU registrations (fastdiv/csrc/cpu/) and the CUDA ones
+// (fastdiv/csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message; for the ops with many
 // arguments also the preparation of the inputs and the allocation of the outputs (prepare_*). Every tensor argument
 // must be on the device of the op's main input; coefficient and statistic tensors have the accumulation
 // dtype (fp64 for fp64 inputs, fp32 otherwise).

@@ -1,5 +1,5 @@
 // Op schemas of the fastdiv library and their CPU registrations. CUDA registrations live in
-// csrc/cuda/ (CUDA builds only); fake (meta) kernels and autograd are registered from Python in
+// fastdiv/csrc/cuda/ (CUDA builds only); fake (meta) kernels and autograd are registered from Python in
 // fastdiv/ops/, so every op works under torch.compile.
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// Host emulation of the CUDA execution model, for testing the kernels of csrc/cuda/ without a GPU.
+// Host emulation of the CUDA execution model, for testing the kernels of fastdiv/csrc/cuda/ without a GPU.
 //
 // With FASTDIV_CUDA_EMULATE defined, device.cuh includes this header instead of cuda_runtime.h, and a
 // .cu file compiles as plain C++ (tests/native/test_cuda_emulation*.cpp #include them). Every launch

@@ -1,5 +1,5 @@
-// Torch side of the CUDA ops (csrc/cuda/*_ops.cpp, compiled only in CUDA builds): turns tensors into the
-// raw views the launchers of csrc/cuda/*.cu take, and launcher errors into c10 errors. Uses only c10/cuda
+// Torch side of the CUDA ops (fastdiv/csrc/cuda/*_ops.cpp, compiled only in CUDA builds): turns tensors into the
+// raw views the launchers of fastdiv/csrc/cuda/*.cu take, and launcher errors into c10 errors. Uses only c10/cuda
 // headers (ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers the glue never needs).
 #pragma once
 

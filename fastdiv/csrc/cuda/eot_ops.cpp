@@ -1,5 +1,5 @@
-// CUDA registration of fastdiv::eot_step (CUDA builds only): the CPU wrapper of csrc/cpu/eot.cpp with the
-// same checks and outputs, calling the launcher of csrc/cuda/eot.cu on the current stream.
+// CUDA registration of fastdiv::eot_step (CUDA builds only): the CPU wrapper of fastdiv/csrc/cpu/eot.cpp with the
+// same checks and outputs, calling the launcher of fastdiv/csrc/cuda/eot.cu on the current stream.
 #include <torch/library.h>
 
 #include "cuda/eot.h"

@@ -1,5 +1,5 @@
 // The Python extension module fastdiv._C. It holds no Python functions: importing it loads the shared
-// library, whose static initializers register the ops of csrc/ops.cpp with the PyTorch dispatcher.
+// library, whose static initializers register the ops of fastdiv/csrc/ops.cpp with the PyTorch dispatcher.
 #include <Python.h>
 
 static PyModuleDef fastdiv_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -1,5 +1,5 @@
-// Types shared by the CUDA launchers (csrc/cuda/*.cu: pure CUDA, compiled alone by nvcc or, emulated, by
-// a host compiler) and their torch glue (csrc/cuda/*_ops.cpp, CUDA builds only). Nothing here needs
+// Types shared by the CUDA launchers (fastdiv/csrc/cuda/*.cu: pure CUDA, compiled alone by nvcc or, emulated, by
+// a host compiler) and their torch glue (fastdiv/csrc/cuda/*_ops.cpp, CUDA builds only). Nothing here needs
 // torch, so the .cu files never include a torch header (docs/design.md §5).
 #pragma once
 

@@ -5,7 +5,7 @@
 // per input against O(n^2 D) for the Gram, and double keeps log det and 1 - rho^2 accurate.
 //
 // Header-only and free of the C++ standard library's math so the same code runs in the CPU kernels
-// (csrc/cpu/) and, on one thread per input, in the epilogue of the fused CUDA kernel (csrc/cuda/gram.cu):
+// (fastdiv/csrc/cpu/) and, on one thread per input, in the epilogue of the fused CUDA kernel (fastdiv/csrc/cuda/gram.cu):
 // the CPU tests of every head then cover the device code too.
 #pragma once
 

@@ -1,5 +1,5 @@
-// Launchers of the Gram-family CUDA kernels (csrc/cuda/gram.cu). Pure CUDA: raw device pointers, sizes,
-// strides and a stream; the torch glue is csrc/cuda/gram_ops.cpp. "acc" buffers have the accumulation
+// Launchers of the Gram-family CUDA kernels (fastdiv/csrc/cuda/gram.cu). Pure CUDA: raw device pointers, sizes,
+// strides and a stream; the torch glue is fastdiv/csrc/cuda/gram_ops.cpp. "acc" buffers have the accumulation
 // type of x (double for fp64 x, float otherwise) and are contiguous. Every launcher returns the launch
 // status (cudaSuccess without launching anything for an empty batch).
 #pragma once

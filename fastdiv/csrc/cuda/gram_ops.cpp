@@ -1,5 +1,5 @@
-// CUDA registrations of the Gram-family ops (schemas in csrc/ops.cpp): the argument checks of the CPU
-// wrappers (csrc/checks.h), output allocation, and the launchers of csrc/cuda/gram.cu on the current
+// CUDA registrations of the Gram-family ops (schemas in fastdiv/csrc/ops.cpp): the argument checks of the CPU
+// wrappers (fastdiv/csrc/checks.h), output allocation, and the launchers of fastdiv/csrc/cuda/gram.cu on the current
 // stream of x's device. Compiled only in CUDA builds.
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// CPU implementations of the fastdiv ops (schemas in csrc/ops.cpp). x is [B, n, D] with unit stride
+// CPU implementations of the fastdiv ops (schemas in fastdiv/csrc/ops.cpp). x is [B, n, D] with unit stride
 // on D and any strides on B and n; outputs are contiguous. "acc" is fp32 for fp32/bf16/fp16 inputs
 // and fp64 for fp64 inputs.
 #pragma once

@@ -1,4 +1,4 @@
-// The n x n Gram heads for the CPU kernels: the shared host/device math of csrc/head_math.h under the
+// The n x n Gram heads for the CPU kernels: the shared host/device math of fastdiv/csrc/head_math.h under the
 // names the CPU kernels use, plus the parsing of the head names of the op schema.
 #pragma once
 
