@@ -379,3 +379,43 @@ def test_python_schemas_match_the_cpp_library():
     cpp_ops = {op for op in dir(torch.ops.fastdiv) if not op.startswith("_") and
                isinstance(getattr(torch.ops.fastdiv, op), torch._ops.OpOverloadPacket)}
     assert cpp_ops == set(SCHEMAS)
+
+
+# =====================================================================================================
+# thread count
+# =====================================================================================================
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    """The CPU kernels split the batch (or the rows) over threads, never a reduction, so 1, 2 and 3
+    threads give the same bits. B = 13 with n = 4, D = 2049 is above the split grain (batch_grain in
+    fastdiv/csrc/cpu/tile.h), so 2 and 3 threads really split it, unevenly for 3."""
+    x = randn(13, 4, 2049, seed=5).to(dtype)
+    x0 = randn(13, 2049, seed=6).to(dtype)
+
+    def everything():
+        out = []
+        for case in LOSS_CASES:
+            leaf = x.clone().requires_grad_()
+            value = case(leaf, backend="cpu", reduction="none")
+            (value * torch.arange(1, 14, dtype=value.dtype)).sum().backward()
+            out += [value.detach(), leaf.grad]
+        out += list(fastdiv.concentration_stats(x, backend="cpu"))
+        out.append(fastdiv.normalize(x, backend="cpu"))
+        for norm in ("linf", "l2"):
+            out += list(fastdiv.eot_step(x0, x0, x.transpose(0, 1), alpha=0.01, eps=0.03, norm=norm,
+                                         backend="cpu"))
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results[t] = everything()
+    finally:
+        torch.set_num_threads(threads)
+    for t in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[t])):
+            assert torch.equal(a, b), f"result {i} differs between 1 and {t} threads"
