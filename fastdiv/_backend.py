@@ -27,18 +27,18 @@ def _load_extension() -> tuple[str | None, str | None]:
     from . import _jit
 
     jit = _jit.mode()
+    why = "FASTDIV_JIT=1"
     if jit != "force":
         try:
             from . import _C  # loading the library registers torch.ops.fastdiv.*
 
             return f"built at install: {_C.__file__}", None
-        except ModuleNotFoundError as exc:
+        except ImportError as exc:  # absent, or present but unloadable (built against another torch, say)
             if jit == "never" or not _jit.sources_present():
                 return None, f"{exc} (and FASTDIV_JIT=0 or no C++ sources to compile on import)"
-        except ImportError as exc:  # present but unloadable (built against another torch, say)
-            return None, str(exc)
+            why = "no build at install" if isinstance(exc, ModuleNotFoundError) else f"fastdiv._C did not load: {exc}"
     try:
-        return f"compiled on import (first import builds, later ones load the cache): {_jit.load()}", None
+        return f"compiled on import ({why}; later imports load the cache): {_jit.load()}", None
     except Exception as exc:  # no compiler, no ninja, a compile error: the 'torch' backend still works
         return None, f"compiling the CPU kernels on import failed: {type(exc).__name__}: {exc}"
 
