@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import analysis as A
+from .runtime import resolve_device, setup_ranks
 
 __all__ = [
     "DEFAULT_ATTACKS", "FORMS", "EvalConfig", "RESULTS_SCHEMA", "SCHEMA_NAME", "SCHEMA_VERSION", "evaluate",
@@ -256,58 +257,6 @@ def _build_transfer_attack(name: str, surrogate: nn.Module, settings: dict, seed
 
 
 # ------------------------------------------------------------------------------------------------
-# Ranks
-# ------------------------------------------------------------------------------------------------
-
-class _Dist:
-    """The rank / world size of a torchrun launch (initializes the default process group when the
-    launcher's environment is there and nobody else did)."""
-
-    def __init__(self, device: torch.device):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        if device.type == "cuda":  # NCCL's object collectives use the current device: one per rank
-            torch.cuda.set_device(device)
-        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.owned = True
-        self.active = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    def gather(self, payload: dict):
-        if not self.active or self.world == 1:
-            return [payload]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, payload)
-        return out
-
-    def close(self):
-        if self.owned:
-            self.dist.destroy_process_group()
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            return torch.device("cuda", local % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return dev
-
-
-# ------------------------------------------------------------------------------------------------
 # Progress
 # ------------------------------------------------------------------------------------------------
 
@@ -440,12 +389,12 @@ def evaluate_model(model: nn.Module, data, *, out: str | os.PathLike | None = No
     x_all, y_all = _as_xy(data)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if cfg.limit is not None:
         x_all, y_all = x_all[:cfg.limit], y_all[:cfg.limit]
     if x_all.shape[0] == 0:
         raise ValueError("data: the test set is empty")
-    dist = _Dist(dev)
+    dist = setup_ranks(dev)
     t_start = time.perf_counter()
     try:
         model = model.to(dev)
@@ -1128,7 +1077,7 @@ def evaluate(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
     cfg = EvalConfig(**settings).check(_attack_registry())
     path = _check_run_dir(run_dir, which)
     src_path = _check_run_dir(transfer_from, "best", "transfer_from") if transfer_from is not None else None
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, config, used = _load(path, which, dev)
     data = _test_data(config)
     surrogate = surrogate_name = None

@@ -42,7 +42,6 @@ Distributed: ``torchrun --nproc_per_node=K -m fastdiv train ...`` (DDP; nccl on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -55,7 +54,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +61,7 @@ from torch import nn
 from ._seeds import mix_seed
 from .nn.sampling import is_stochastic
 from .presets import DATASET_NAMES, PRESETS, format_presets, get_preset
+from .runtime import atomic_save, atomic_write_text, resolve_device, rng_state, seed_globals, set_rng_state, setup_ranks
 
 __all__ = [
     "CHECKPOINT_FORMAT", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "add_parser",
@@ -394,71 +393,12 @@ class TrainingInterrupted(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Small helpers: seeds, RNG states, atomic saves
+# Small helpers: random-stream tags, scheduler state (seeds, RNG states and atomic saves: runtime.py)
 # ------------------------------------------------------------------------------------------------
 
 
 # tags of the per-step random streams
 _T_AUG, _T_NOISE, _T_ENSADV, _T_ADV, _T_SAMPLES, _T_PRSE, _T_DROPOUT, _T_EPOCH = range(1, 9)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _seed_globals(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``: a reader (or
-    a run killed mid-write) sees the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    with contextlib.suppress(OSError):  # make the rename durable (not possible on every OS)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _scheduler_state(sched) -> dict[str, Any]:
@@ -473,23 +413,6 @@ def _load_scheduler_state(sched, sd: dict[str, Any]) -> None:
     if isinstance(sd.get("milestones"), dict):
         sd["milestones"] = Counter({int(k): int(v) for k, v in sd["milestones"].items()})
     sched.load_state_dict(sd)
-
-
-def _resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: CUDA is not available in this PyTorch build / machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank or 0)
-    elif device.type != "cpu":
-        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {name!r}")
-    return device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -559,44 +482,6 @@ def _members(model: nn.Module) -> list[nn.Module] | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Distributed plumbing
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_name: str) -> _Dist:
-    """Initializes the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), local, False)
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), local, True)
-
-
-# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 
@@ -635,8 +520,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, quiet: bool) -> None:
         self.cfg = cfg
         self.quiet = quiet
-        self.dist = _setup_distributed(cfg.device)
-        self.device = _resolve_device(cfg.device, self.dist.local_rank)
+        self.device = resolve_device(cfg.device)
+        self.dist = setup_ranks(self.device)
         if self.dist.enabled and cfg.batch_size % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
                              f"({self.dist.world}): it is the global batch")
@@ -684,7 +569,7 @@ class _Run:
         self.num_classes = int(self.data.num_classes)
         self.n_train_clean = len(self.x_train)
 
-        _seed_globals(cfg.seed)
+        seed_globals(cfg.seed)
         self.model = build_model_from_config(cfg, self.in_shape, self.num_classes).to(self.device)
         if cfg.init_from:
             src, _ = load_run(cfg.init_from, which="best", device=str(self.device))
@@ -753,7 +638,7 @@ class _Run:
             resumed = True
         if self.dist.main:
             # rewritten on resume too: --epochs may have been extended
-            _atomic_write_text(json.dumps(self.config_record(), indent=2) + "\n", self.run_dir / "config.json")
+            atomic_write_text(json.dumps(self.config_record(), indent=2) + "\n", self.run_dir / "config.json")
             if not resumed and self.metrics_path.exists() and not cfg.resume:
                 self.metrics_path.unlink()
             self._truncate_metrics(self.epoch)
@@ -820,7 +705,7 @@ class _Run:
         src.eval()
         acc = self._plain_accuracy(src)
         self.log(f"source model: val acc {acc:.4f}")
-        _atomic_save({"model": src.state_dict(), "epochs": epochs, "val_acc": acc}, path)
+        atomic_save({"model": src.state_dict(), "epochs": epochs, "val_acc": acc}, path)
         return src
 
     @torch.no_grad()
@@ -847,7 +732,7 @@ class _Run:
                 atk = PGD(self.source, eps=eps, alpha=alpha, steps=cfg.offline_steps,
                           seed=mix_seed(cfg.seed, 0x4F46464C, k))
                 xs.append(atk(x, y).cpu())
-            _atomic_save({"x": torch.cat(xs), "y": self.y_train[: self.n_train_clean].clone()}, path)
+            atomic_save({"x": torch.cat(xs), "y": self.y_train[: self.n_train_clean].clone()}, path)
         self._barrier()
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state["x"], state["y"]
@@ -862,7 +747,7 @@ class _Run:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": _scheduler_state(self.sched),
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
             "best": dict(self.best),
             "partial": self.partial,
             "preset": self.cfg.preset,
@@ -870,7 +755,7 @@ class _Run:
 
     def save_checkpoint(self) -> None:
         if self.dist.main:
-            _atomic_save(self._checkpoint_state(), self.ckpt_path)
+            atomic_save(self._checkpoint_state(), self.ckpt_path)
 
     def _load_checkpoint(self) -> None:
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
@@ -884,7 +769,7 @@ class _Run:
         self.global_step = int(state["global_step"])
         self.best = dict(state["best"])
         self.partial = state.get("partial")
-        _set_rng_state(state["rng"], self.device)
+        set_rng_state(state["rng"], self.device)
 
     def _truncate_metrics(self, completed_epochs: int) -> None:
         """Drop metric lines of epochs after the checkpoint (written before a kill)."""
@@ -899,7 +784,7 @@ class _Run:
             except (ValueError, KeyError, TypeError):
                 continue
         if len(keep) != len(lines):
-            _atomic_write_text("".join(k + "\n" for k in keep), self.metrics_path)
+            atomic_write_text("".join(k + "\n" for k in keep), self.metrics_path)
 
     # -- batches ----------------------------------------------------------------------------------
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
@@ -1157,7 +1042,7 @@ class _Run:
         steps = self.steps_per_epoch
         if self.step_in_epoch == 0:
             # every epoch starts from RNG states that depend on (seed, epoch) only
-            _seed_globals(mix_seed(cfg.seed, _T_EPOCH, epoch, self.dist.rank))
+            seed_globals(mix_seed(cfg.seed, _T_EPOCH, epoch, self.dist.rank))
             self.partial = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "kl": 0.0, "correct": 0.0, "examples": 0,
                             "kappa_p": 0.0, "kappa_steps": 0, "time_s": 0.0}
         acc = self.partial
@@ -1246,7 +1131,7 @@ class _Run:
             record["best"] = improved
             if improved:
                 self.best = {"val_acc": ev["val_acc"], "epoch": epoch + 1}
-                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "val_acc": ev["val_acc"],
+                atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "val_acc": ev["val_acc"],
                               "model": self.model.state_dict(), "preset": cfg.preset}, self.best_path)
             # the metrics line goes first: a kill before the checkpoint is replaced re-runs the epoch
             # and _truncate_metrics drops the stale line
@@ -1313,8 +1198,7 @@ def train(config: dict | TrainConfig, *, quiet: bool = False) -> Path:
         run.setup()
         return run.run()
     finally:
-        if run.dist.initialized_here:
-            torch.distributed.destroy_process_group()
+        run.dist.close()
 
 
 _RESUME_MUTABLE = ("epochs", "device", "resume", "out")
