@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _load_build_flags():
     """fastdiv/_build_flags.py by path: importing the package would import torch."""
-    spec = importlib.util.spec_from_file_location("_fastdiv_build_flags", os.path.join(ROOT, "fastdiv", "_build_flags.py"))
+    spec = importlib.util.spec_from_file_location("_fastdiv_build_flags",
+                                                  os.path.join(ROOT, "fastdiv", "_build_flags.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -35,12 +35,13 @@ import time
 
 import pytest
 import torch
-from test_bench_losses import QUICK
 from torch import nn
 
 import fastdiv
 from fastdiv.attacks import PGD
 from fastdiv.nn import build_model, sampling
+
+from test_bench_losses import QUICK
 
 N_SAMPLES, STEPS = 10, 20
 BATCH = 4 if QUICK else 128
@@ -168,7 +169,8 @@ def test_bench_eot_step_interleaved(benchmark, machine, trained):
         return grad
 
     impls = {
-        "fastdiv-batched": lambda s: fastdiv.sample_input_grads(model, x, y, N_SAMPLES, strategy="batched", generator=s),
+        "fastdiv-batched": lambda s: fastdiv.sample_input_grads(model, x, y, N_SAMPLES, strategy="batched",
+                                                                generator=s),
         "fastdiv-loop": lambda s: fastdiv.sample_input_grads(model, x, y, N_SAMPLES, strategy="loop", generator=s),
         "loop": lambda s: loop_grads(),
     }

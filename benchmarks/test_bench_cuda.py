@@ -56,13 +56,27 @@ import pytest
 import torch
 
 import fastdiv
-from fastdiv.profiling import gpu_work
 from fastdiv import reference
 from fastdiv._backend import cuda_built, triton_installed, triton_interpreted
+from fastdiv.profiling import gpu_work
+
 from test_bench_eot import VARIANTS
 from test_bench_eot import make_case as make_eot_case
-from test_bench_losses import (MATRIX, OPS, QUICK, WARMUP_CALLS, check, compiled_fn, eager_fn, first_call, per_input,
-                               references, run_once, timed_step, timing_extra)
+from test_bench_losses import (
+    MATRIX,
+    OPS,
+    QUICK,
+    WARMUP_CALLS,
+    check,
+    compiled_fn,
+    eager_fn,
+    first_call,
+    per_input,
+    references,
+    run_once,
+    timed_step,
+    timing_extra,
+)
 
 DEVICE = "cuda"
 HAS_GPU = torch.cuda.is_available()

@@ -13,6 +13,7 @@ import torch
 
 import fastdiv
 from fastdiv import reference
+
 from test_bench_losses import QUICK, timing_extra
 
 SIZES = {"mnist": (128, 10, (1, 28, 28)), "cifar10": (128, 10, (3, 32, 32))}

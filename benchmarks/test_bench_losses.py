@@ -40,7 +40,6 @@ import fastdiv
 from fastdiv import reference
 
 
-
 class Op(NamedTuple):
     public: Callable           # fastdiv.<op>, called with backend=...
     reference: Callable        # fastdiv.reference.<op>: per-input values (or ConcentrationStats)

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_bench_losses import QUICK
 
 import fastdiv
 from fastdiv.nn import Ensemble, build_model
+
+from test_bench_losses import QUICK
 
 N_SAMPLES = 10
 BATCH = 4 if QUICK else 128

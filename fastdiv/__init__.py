@@ -7,9 +7,11 @@ input gradients of n sample models, ``grads`` shaped ``[B, n, *features]``, and 
     >>> grads = torch.randn(128, 10, 3, 32, 32, requires_grad=True)
     >>> fastdiv.dpp_loss(grads).backward()
 
-See README.md for the math of each loss and the backends.
+See docs/losses.md for the math of each loss and docs/backends.md for the backends.
 """
-from ._backend import BACKENDS, cuda_built, default_backend, extension_built, triton_available
+# import order kept by hand (not isort's): ops registers the compiled ops' fake kernels and autograd, and
+# attacks and data use the API imported above them
+from ._backend import BACKENDS, cuda_built, default_backend, extension_built, triton_available  # noqa: I001
 from .eot import eot_step
 from .grads import sample_input_grads
 from . import nn
@@ -38,7 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "ConcentrationStats", "attacks", "data", "DIVERSITY_LOSSES", "concentration_stats", "cosine_gram",
-    "cuda_built", "default_backend", "diversity_loss", "dpp_loss", "eot_step", "extension_built", "nn", "sample_input_grads", "gal_loss", "info",
+    "cuda_built", "default_backend", "diversity_loss", "dpp_loss", "eot_step", "extension_built", "nn",
+    "sample_input_grads", "gal_loss", "info",
     "kappa_loss", "max_cosine_loss", "mean_cosine_loss", "mean_penalty", "normalize",
     "smoothmax_cosine_loss", "sparsity_penalty", "triton_available", "variance_penalty",
 ]

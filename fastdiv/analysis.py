@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ._seeds import mix_seed
 from .grads import sample_input_grads
 from .losses import concentration_stats
-from ._seeds import mix_seed
 from .nn.sampling import frozen_sample, is_stochastic, sampling, supports_batched
 
 __all__ = [
@@ -76,7 +76,8 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
 @torch.no_grad()
 def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
     """Logits of ``num_samples`` sample models drawn from ``seed``: ``[S, B, C]`` (``S = 1`` for a
-    model without randomness; for a :class:`fastdiv.nn.Ensemble` its members, each once). Uses one replicated forward per chunk when the model supports sample
+    model without randomness; for a :class:`fastdiv.nn.Ensemble` its members, each once).
+    Uses one replicated forward per chunk when the model supports sample
     batching, else one forward per sample. Weight-noise draws depend on ``seed`` only, so the same
     seed gives the same sample models for every batch."""
     if not is_stochastic(model):
@@ -475,8 +476,8 @@ def obfuscation_checklist(
     ('pass'|'fail'|'skipped'), 'detail', 'numbers'}``; 'fail' = the behaviour of obfuscated gradients
     was observed.
 
-    rows: ``{key: {'attack': name, 'eps': float, 'correct': [R, N] bool, 'label': str (optional)}}`` — every attack row of
-        the robust-accuracy table at every ε (ensemble predictions, all repeats).
+    rows: ``{key: {'attack': name, 'eps': float, 'correct': [R, N] bool, 'label': str (optional)}}`` —
+        every attack row of the robust-accuracy table at every ε (ensemble predictions, all repeats).
     clean: ``[R, N]`` bool, the clean correctness.
     curve: ``[(eps, correct [R, N])]`` of the curve attack, ascending ε (bounded ε only).
     unbounded: ``{'label', 'eps', 'correct': [N] bool}`` of a gradient attack with ε = 1 (or None).
@@ -523,7 +524,8 @@ def obfuscation_checklist(
                       f"< {f[f'best_{stronger_kind}']} {100 * f[f'{stronger_kind}_accuracy']:.2f}% "
                       f"(by {100 * f['difference']:.2f} pp > margin {100 * f['margin']:.2f} pp)")
         else:
-            detail = "; ".join(f"ε={e['eps']:g}: {e[f'best_{weaker_kind}']} {100 * e[f'{weaker_kind}_accuracy']:.2f}% ≥ "
+            detail = "; ".join(f"ε={e['eps']:g}: {e[f'best_{weaker_kind}']} "
+                               f"{100 * e[f'{weaker_kind}_accuracy']:.2f}% ≥ "
                                f"{e[f'best_{stronger_kind}']} {100 * e[f'{stronger_kind}_accuracy']:.2f}%"
                                f"{'' if e['difference'] <= 0 else ' (within margin)'}" for e in numbers)
         return {"id": cid, "name": name, "status": "fail" if failures else "pass", "detail": detail,

@@ -431,7 +431,8 @@ def _load_cifar10(root: Path, limit: int | None):
         pickled = any((p / "data_batch_1").is_file() for p in (root, root / "cifar-10-batches-py"))
         hint = (" Found the Python (pickle) version, which fastdiv does not read (unpickling downloaded files "
                 "can run arbitrary code); use the binary version instead." if pickled else "")
-        raise DatasetNotFoundError(f"load_dataset('cifar10'): missing data_batch_1.bin in {root / 'cifar-10-batches-bin'} "
+        raise DatasetNotFoundError(f"load_dataset('cifar10'): missing data_batch_1.bin in "
+                                   f"{root / 'cifar-10-batches-bin'} "
                                    f"and in {root}.{hint} Expected {SOURCES['cifar10']}",
                                    root / "cifar-10-batches-bin" / "data_batch_1.bin")
     records = {}

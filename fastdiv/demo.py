@@ -93,9 +93,11 @@ def demo(out: str | Path = "fastdiv-demo", *, quick: bool = False, device: str =
 
     for preset in DEMO_PRESETS:
         step += 1
-        overrides = dict(spec["train"], **spec["preset_train"].get(preset, {}), **({"epochs": epochs} if epochs else {}))
+        overrides = dict(spec["train"], **spec["preset_train"].get(preset, {}),
+                         **({"epochs": epochs} if epochs else {}))
         _say(quiet, f"[{step}/{total_steps}] training {preset} on {spec['dataset']} "
-                    f"({overrides['epochs']} epochs{', model ' + overrides['model'] if 'model' in overrides else ''}) ...")
+                    f"({overrides['epochs']} epochs"
+                    f"{', model ' + overrides['model'] if 'model' in overrides else ''}) ...")
         t0 = time.perf_counter()
         runs[preset] = train({"preset": preset, "dataset": spec["dataset"], "out": str(out / "runs" / preset),
                               "device": device, "seed": seed, **overrides}, quiet=True)
@@ -187,10 +189,12 @@ def _joint_projection(models: dict, data, num_samples: int, seed: int) -> dict:
 def _intro(spec: dict, timing: dict, quick: bool) -> str:
     tr, ev = spec["train"], spec["evaluate"]
     lines = [
-        f"Two randomized (Bayesian) networks trained on `{spec['dataset']}` by `fastdiv demo`{' --quick' if quick else ''}: "
+        f"Two randomized (Bayesian) networks trained on `{spec['dataset']}` by `fastdiv demo`"
+        f"{' --quick' if quick else ''}: "
         f"**advbnn** (Adv-BNN, GradDiv's baseline) and **graddiv-dpp** (Adv-BNN + the R_DPP gradient-diversity "
         f"regularizer, n = 3 gradient samples per input). Recipe: {tr['epochs']} epochs, "
-        f"{'model `' + tr['model'] + '`' if 'model' in tr else 'the presets’ model'}, PGD-{tr['adv_steps']} adversarial "
+        f"{'model `' + tr['model'] + '`' if 'model' in tr else 'the presets’ model'}, "
+        f"PGD-{tr['adv_steps']} adversarial "
         f"training, lr {tr['lr']:g}, σ0 {tr['sigma0']:g}, KL factor {tr['kl_factor']:g}"
         + "".join(f"; {p}: " + ", ".join(f"{k} {v}" for k, v in o.items()) for p, o in spec["preset_train"].items())
         + " (see `fastdiv/demo.py`).",
@@ -198,7 +202,8 @@ def _intro(spec: dict, timing: dict, quick: bool) -> str:
         f"{ev['ensemble_samples']} sample models, on {ev.get('limit') or 'all'} test images; gradient statistics from "
         f"{ev['grad_samples']} samples per test input.",
         "Time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in timing.items()
-                             if k != "cpu_s") + f" (CPU time {timing['cpu_s']:.0f} s, {torch.get_num_threads()} threads).",
+                             if k != "cpu_s")
+        + f" (CPU time {timing['cpu_s']:.0f} s, {torch.get_num_threads()} threads).",
     ]
     return "\n\n".join(lines)
 

@@ -165,9 +165,9 @@ class EvalConfig:
         if bad or not self.forms:
             raise ValueError(f"forms: each must be one of {FORMS}, got {list(self.forms) or 'nothing'}")
         self.forms = [f for f in FORMS if f in self.forms]
-        for field, lo in (("steps", 1), ("square_queries", 1), ("eot_samples", 1), ("ensemble_samples", 1), ("repeats", 1),
-                          ("batch_size", 1), ("grad_samples", 2), ("diversity_k", 2), ("gaas_examples", 0),
-                          ("random_samples", 0), ("transfer_models", 0)):
+        for field, lo in (("steps", 1), ("square_queries", 1), ("eot_samples", 1), ("ensemble_samples", 1),
+                          ("repeats", 1), ("batch_size", 1), ("grad_samples", 2), ("diversity_k", 2),
+                          ("gaas_examples", 0), ("random_samples", 0), ("transfer_models", 0)):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{field}: must be an int >= {lo}, got {v!r}")
@@ -450,18 +450,21 @@ def _run_shard(model, x, y, index, cfg: EvalConfig, *, surrogate, dist, quiet, x
     curve_extra = [e for e in cfg.curve_eps if e not in cfg.eps]
     white_box = [r for r in rows if r["attack"] in A.ONE_STEP_ATTACKS + A.ITERATIVE_ATTACKS]
     unb_name = "bim" if "bim" in attacks else ("pgd" if "pgd" in attacks else None)
-    do_transfer = cfg.transfer_models >= 2 and (stochastic or members is not None) and (members is None or len(members) >= 2)
+    do_transfer = (cfg.transfer_models >= 2 and (stochastic or members is not None)
+                   and (members is None or len(members) >= 2))
     surrogate_rows = list(cfg.transfer_attacks) if surrogate is not None else []
     pred = lambda r: A.derive_seed(cfg.seed, 13, r)  # noqa: E731  (the ensemble of repeat r)
     total = (R + len(rows) * E * R + len(curve_extra) * R
-             + (2 + E if cfg.checklist else 0) + (1 if do_transfer else 0) + (E + 1 if members and len(members) >= 2 else 0)
+             + (2 + E if cfg.checklist else 0) + (1 if do_transfer else 0)
+             + (E + 1 if members and len(members) >= 2 else 0)
              + len(surrogate_rows) * E * R + (4 if cfg.analysis else 0))
     prog = _Progress(total, quiet, dist.rank, "evaluate")
     timing: dict[str, float] = {}
     payload: dict[str, torch.Tensor] = {"index": index.cpu()}
     with torch.no_grad():
         num_classes = int(model(x0).shape[-1])
-    meta: dict = {"num_classes": num_classes, "rows": rows, "stochastic": stochastic, "members": len(members) if members else None,
+    meta: dict = {"num_classes": num_classes, "rows": rows, "stochastic": stochastic,
+                  "members": len(members) if members else None,
                   "strongest": strongest, "curve_extra": curve_extra, "surrogate_rows": surrogate_rows,
                   "row_settings": {}, "unbounded": None, "transfer": None}
 
@@ -489,9 +492,11 @@ def _run_shard(model, x, y, index, cfg: EvalConfig, *, surrogate, dist, quiet, x
             for ei, eps in enumerate(cfg.eps):
                 prog.stage(f"{row['label']} ε={eps:g}")
                 for r in range(R):
-                    x_adv, settings = attack_flags(row["attack"], row["form"], eps, A.derive_seed(cfg.seed, 11, r, ri, ei))
+                    x_adv, settings = attack_flags(row["attack"], row["form"], eps,
+                                                   A.derive_seed(cfg.seed, 11, r, ri, ei))
                     meta["row_settings"][(row["key"], ei)] = settings
-                    a, b = A.predict_correct(model, x_adv, y, cfg.ensemble_samples, pred(r), batch_size=4 * cfg.batch_size)
+                    a, b = A.predict_correct(model, x_adv, y, cfg.ensemble_samples, pred(r),
+                                             batch_size=4 * cfg.batch_size)
                     ens[ei, r], worst[ei, r] = a.cpu(), b.cpu()
                     prog.update()
             payload[f"row:{row['key']}"] = ens
@@ -519,7 +524,8 @@ def _run_shard(model, x, y, index, cfg: EvalConfig, *, surrogate, dist, quiet, x
             if unb_name is not None:
                 prog.stage(f"unbounded {attack_label(unb_name, strongest)}")
                 steps = max(cfg.steps, 20)
-                extra = {"random_start": False} if unb_name == "pgd" and "random_start" in _accepted(attacks["pgd"]) else {}
+                extra = ({"random_start": False} if unb_name == "pgd" and "random_start" in _accepted(attacks["pgd"])
+                         else {})
                 # α = 2.5/steps: the iterates can cross the whole [0, 1] box
                 x_adv, settings = attack_flags(unb_name, strongest, 1.0, A.derive_seed(cfg.seed, 19), steps=steps,
                                                alpha=2.5 / steps, **extra)
@@ -608,7 +614,8 @@ def _run_shard(model, x, y, index, cfg: EvalConfig, *, surrogate, dist, quiet, x
         if cfg.analysis:
             t0 = time.perf_counter()
             n_grad = len(members) if members is not None else cfg.grad_samples
-            gmask = (index < cfg.grad_examples) if cfg.grad_examples is not None else torch.ones_like(index, dtype=torch.bool)
+            gmask = ((index < cfg.grad_examples) if cfg.grad_examples is not None
+                     else torch.ones_like(index, dtype=torch.bool))
             gm = gmask.to(x.device)
             if stochastic and n_grad >= 2:
                 prog.stage(f"gradient concentration ({n_grad} samples per input)")
@@ -745,7 +752,8 @@ def _aggregate(p: dict, cfg: EvalConfig, meta: dict, *, model, x_all, name, data
         rnd = None
         if "random_found:0" in p:
             rnd = {"label": "every white-box attack", "samples": cfg.random_samples,
-                   "per_eps": [(eps, p[f"random_survived:{ei}"], p[f"random_found:{ei}"]) for ei, eps in enumerate(cfg.eps)]}
+                   "per_eps": [(eps, p[f"random_survived:{ei}"], p[f"random_found:{ei}"])
+                               for ei, eps in enumerate(cfg.eps)]}
         curve_for_check = [(e, curve_pts[e][0]) for e in sorted(curve_pts) if e > 0]
         obf["checks"] = A.obfuscation_checklist(rows=check_rows, clean=p["clean"], curve=curve_for_check or None,
                                                 unbounded=unb, random=rnd, min_margin=cfg.min_margin)
@@ -769,7 +777,8 @@ def _aggregate(p: dict, cfg: EvalConfig, meta: dict, *, model, x_all, name, data
         for name_ in meta["surrogate_rows"]:
             ens = p[f"surrogate:{name_}"]
             s_rows.append({"attack": name_, "label": attack_label(name_, meta.get("surrogate_form")),
-                           "results": [{"eps": eps, "settings": meta["row_settings"].get((f"surrogate:{name_}", ei), {}),
+                           "results": [{"eps": eps,
+                                        "settings": meta["row_settings"].get((f"surrogate:{name_}", ei), {}),
                                         "ensemble": _acc(ens[ei])} for ei, eps in enumerate(cfg.eps)]})
         transfer["surrogate"] = {"name": surrogate_name or type(surrogate).__name__,
                                  "run_dir": (run_info or {}).get("transfer_from"), "eps": list(cfg.eps), "rows": s_rows}
@@ -1118,33 +1127,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--forms", default=",".join(d.forms), help="attack forms for stochastic models: fixed ([Attack]), "
                                                                 "one (EOT¹-), mean (EOT-) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="attack iterations (default: %(default)s)")
-    p.add_argument("--alpha-factor", type=float, default=d.alpha_factor, help="step size α = factor·ε (default: %(default)s)")
+    p.add_argument("--alpha-factor", type=float, default=d.alpha_factor,
+                   help="step size α = factor·ε (default: %(default)s)")
     p.add_argument("--eot-samples", type=int, default=d.eot_samples, help="n of EOT-[Attack] (default: %(default)s)")
     p.add_argument("--ensemble-samples", type=int, default=d.ensemble_samples,
                    help="sample models of ensemble inference (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="independent evaluations, mean ± std (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=d.repeats,
+                   help="independent evaluations, mean ± std (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint to load (default: %(default)s)")
+    p.add_argument("--which", choices=("best", "last"), default="best",
+                   help="checkpoint to load (default: %(default)s)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--curve-eps", default="", help="extra ε of the accuracy-vs-ε curve (comma-separated)")
-    p.add_argument("--curve-attack", default=d.curve_attack, help="attack of the curve, strongest form (default: %(default)s)")
-    p.add_argument("--transfer-from", default=None, metavar="RUN_DIR", help="surrogate run to craft transfer attacks on")
+    p.add_argument("--curve-attack", default=d.curve_attack,
+                   help="attack of the curve, strongest form (default: %(default)s)")
+    p.add_argument("--transfer-from", default=None, metavar="RUN_DIR",
+                   help="surrogate run to craft transfer attacks on")
     p.add_argument("--transfer-attacks", default=",".join(d.transfer_attacks),
                    help="attacks crafted on the surrogate (default: %(default)s)")
     p.add_argument("--transfer-models", type=int, default=d.transfer_models,
                    help="k sample models of the transferability matrix, 0 = off (default: %(default)s)")
-    p.add_argument("--transfer-attack", default=d.transfer_attack, help="attack of the matrix and MRA (default: %(default)s)")
-    p.add_argument("--grad-samples", type=int, default=d.grad_samples, help="gradient samples per input (default: %(default)s)")
-    p.add_argument("--grad-examples", type=int, default=None, help="examples of the concentration statistics (default: all)")
-    p.add_argument("--diversity-k", type=int, default=d.diversity_k, help="K of the LPD measures (default: %(default)s)")
-    p.add_argument("--gaas-k", default=",".join(map(str, d.gaas_k)), help="Hadamard orders, powers of 4 (default: %(default)s)")
+    p.add_argument("--transfer-attack", default=d.transfer_attack,
+                   help="attack of the matrix and MRA (default: %(default)s)")
+    p.add_argument("--grad-samples", type=int, default=d.grad_samples,
+                   help="gradient samples per input (default: %(default)s)")
+    p.add_argument("--grad-examples", type=int, default=None,
+                   help="examples of the concentration statistics (default: all)")
+    p.add_argument("--diversity-k", type=int, default=d.diversity_k,
+                   help="K of the LPD measures (default: %(default)s)")
+    p.add_argument("--gaas-k", default=",".join(map(str, d.gaas_k)),
+                   help="Hadamard orders, powers of 4 (default: %(default)s)")
     p.add_argument("--gaas-examples", type=int, default=d.gaas_examples, help="(default: %(default)s)")
     p.add_argument("--random-samples", type=int, default=d.random_samples,
                    help="random-search samples per example for check 4 (default: %(default)s)")
-    p.add_argument("--min-margin", type=float, default=d.min_margin, help="smallest difference the checks count (default: %(default)s)")
+    p.add_argument("--min-margin", type=float, default=d.min_margin,
+                   help="smallest difference the checks count (default: %(default)s)")
     p.add_argument("--no-analysis", action="store_true", help="skip the gradient analysis")
     p.add_argument("--no-checklist", action="store_true", help="skip the obfuscation checklist")
     p.add_argument("--no-per-example", action="store_true", help="leave per-example flags out of results.json")
@@ -1163,7 +1183,8 @@ def _main(args: argparse.Namespace) -> int:
         grad_examples=args.grad_examples, diversity_k=args.diversity_k, gaas_k=args.gaas_k,
         gaas_examples=args.gaas_examples, checklist=not args.no_checklist, random_samples=args.random_samples,
         min_margin=args.min_margin, per_example=not args.no_per_example)
-    command = "fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None
+    command = ("fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+               if sys.argv[1:2] == ["evaluate"] else None)
     try:
         results = evaluate(args.run_dir, out=args.out, which=args.which, device=args.device,
                            transfer_from=args.transfer_from, quiet=args.quiet, command=command, **settings)
@@ -1173,7 +1194,8 @@ def _main(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
         total = results["table"]["total"]["results"]
-        print("total robust accuracy: " + ", ".join(f"ε={c['eps']:g}: {100 * c['ensemble']['mean']:.2f}%" for c in total))
+        print("total robust accuracy: "
+              + ", ".join(f"ε={c['eps']:g}: {100 * c['ensemble']['mean']:.2f}%" for c in total))
         failed = [c["id"] for c in results["obfuscation"]["checks"] if c["status"] == "fail"]
         print(f"obfuscation checklist: {'no warning' if not failed else 'FAILED checks ' + str(failed)}")
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")

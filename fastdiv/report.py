@@ -383,7 +383,8 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
     if tr.get("surrogate"):
         t = tr["surrogate"]
         md.heading("Transfer attacks from a surrogate", h + 1)
-        md.para(f"Adversarial examples crafted on `{t['name']}`{' (' + t['run_dir'] + ')' if t.get('run_dir') else ''}, "
+        md.para(f"Adversarial examples crafted on `{t['name']}`"
+                f"{' (' + t['run_dir'] + ')' if t.get('run_dir') else ''}, "
                 f"evaluated on this model (GAL Table 2).")
         headers = ["attack"] + [f"ε={e:g}" for e in t["eps"]]
         md.table(headers, [[r["label"]] + [fmt_acc(c["ensemble"]) for c in r["results"]] for r in t["rows"]])
@@ -427,7 +428,8 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
             ga = g["gaas"]
             md.heading("GAAS with regular Hadamard directions (GAL §4.4)", h + 2)
             headers = ["ε"] + [f"k={k}: all / mean" for k in ga["ks"]]
-            md.table(headers, [[f"{e:g}"] + [f"{fmt_pct(a)} / {fmt_pct(f)}" for a, f in zip(ga["all_k"][i], ga["fraction"][i])]
+            md.table(headers, [[f"{e:g}"] + [f"{fmt_pct(a)} / {fmt_pct(f)}"
+                                             for a, f in zip(ga["all_k"][i], ga["fraction"][i])]
                                for i, e in enumerate(ga["eps"])])
             md.para(f"all = % of {ga['num_examples']} examples where all k orthogonal directions are adversarial; "
                     f"mean = % of directions adversarial.")

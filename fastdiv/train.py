@@ -265,7 +265,8 @@ class TrainConfig:
             number(name, strict=True, optional=True)
         if not isinstance(self.milestones, (list, tuple)) or any(
                 isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones):
-            raise ValueError(f"TrainConfig: milestones must be a list of positive epoch numbers, got {self.milestones!r}")
+            raise ValueError("TrainConfig: milestones must be a list of positive epoch numbers, "
+                             f"got {self.milestones!r}")
         self.milestones = sorted(int(m) for m in self.milestones)
         for name in ("adv", "adv_random_start", "noise_aug", "resume"):
             if not isinstance(getattr(self, name), bool):

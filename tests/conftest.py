@@ -138,7 +138,8 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what: str = "",
                    atol: float = 1e-10) -> None:
     """fp64-level agreement, with the absolute tolerance scaled by the magnitude of ``expected``."""
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

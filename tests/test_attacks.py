@@ -33,8 +33,9 @@ from fastdiv.attacks import (
     ensemble_margin,
     p_selection,
 )
-from conftest import Noise
 from fastdiv.nn import frozen_sample, sampling
+
+from conftest import Noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from test_attacks import accuracy, noisy_mlp, test_batch, trained_mlp
 
 from fastdiv.attacks import APGD, APGDDLR, BIM, FGSM, MIFGSM, PGD, PGDL2, Square
+
+from test_attacks import accuracy, noisy_mlp, test_batch, trained_mlp
 
 torchattacks = pytest.importorskip("torchattacks")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)

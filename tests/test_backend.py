@@ -12,6 +12,7 @@ import torch
 
 import fastdiv
 from fastdiv import _backend
+
 from conftest import LOSS_CASES, randn
 
 X = randn(2, 3, 4, seed=1).float()
@@ -103,7 +104,8 @@ def test_resolve_backend(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert _backend.resolve_backend("triton", X, "f") == "triton"  # the interpreter runs CPU tensors
         monkeypatch.delenv("TRITON_INTERPRET")
-        with pytest.raises(ValueError, match=r"f: backend='triton' runs on CUDA tensors \(or on CPU tensors under TRITON_INTERPRET=1\)"):
+        with pytest.raises(ValueError, match=r"f: backend='triton' runs on CUDA tensors "
+                                             r"\(or on CPU tensors under TRITON_INTERPRET=1\)"):
             _backend.resolve_backend("triton", X, "f")
     else:
         with pytest.raises(RuntimeError, match="needs the triton package"):

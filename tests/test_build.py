@@ -109,7 +109,8 @@ def test_no_build_and_no_compiling_falls_back_with_a_warning():
             "warnings.simplefilter('always')\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    import fastdiv, torch\n"
-            "print(fastdiv.extension_built(), fastdiv.default_backend('cpu'), fastdiv._backend.cpu_build_capability())\n"
+            "print(fastdiv.extension_built(), fastdiv.default_backend('cpu'), "
+            "fastdiv._backend.cpu_build_capability())\n"
             "print([str(x.message) for x in w if 'did not load' in str(x.message)])\n"
             "print(fastdiv.dpp_loss(torch.eye(3)[None]).item())\n")
     env = dict(os.environ, FASTDIV_JIT="0")

@@ -37,11 +37,12 @@ import torch
 from torch.library import opcheck
 
 import fastdiv
-from fastdiv.profiling import gpu_work
 from fastdiv import reference
 from fastdiv._backend import cuda_built, extension_built, triton_installed, triton_interpreted
 from fastdiv.eot import eot_step
 from fastdiv.ops.schemas import NAMESPACES, SCHEMAS
+from fastdiv.profiling import gpu_work
+
 from conftest import (
     LOSS_BY_ID,
     LOSS_CASES,
@@ -278,7 +279,8 @@ def test_public_api_matches_cpu_backend(backend, dtype):
         want = fastdiv.concentration_stats(x, q=q, backend=CPU_BACKEND)
         for field in STAT_FIELDS:
             close(getattr(got, field), getattr(want, field), ACC_TOL[acc_of(dtype)], f"{field} (q={q})")
-    close(fastdiv.normalize(xd, backend=backend), fastdiv.normalize(x, backend=CPU_BACKEND), OUT_TOL[dtype], "normalize")
+    close(fastdiv.normalize(xd, backend=backend), fastdiv.normalize(x, backend=CPU_BACKEND), OUT_TOL[dtype],
+          "normalize")
     close(fastdiv.cosine_gram(xd, backend=backend), fastdiv.cosine_gram(x, backend=CPU_BACKEND), ACC_TOL[acc_of(dtype)],
           "cosine_gram")
 
@@ -707,7 +709,8 @@ def _compiled_losses(backend: str):
                  + fastdiv.variance_penalty(g, kind="min", **kw)
                  + fastdiv.variance_penalty(g, kind="softmin", temperature=0.5, **kw)
                  + (fastdiv.dpp_loss(g.transpose(0, 1), sample_dim=0, reduction="none", **kw) * 2).sum())
-        return total + fastdiv.normalize(g, **kw).square().mean() + fastdiv.cosine_gram(g, **kw).mean() + stats.rho.sum()
+        return (total + fastdiv.normalize(g, **kw).square().mean() + fastdiv.cosine_gram(g, **kw).mean()
+                + stats.rho.sum())
     return fn
 
 

@@ -95,8 +95,8 @@ def test_digits_resize(digits):
     assert x28.shape == (1257, 1, 28, 28) and torch.equal(y8, y28)
     assert x28.min() >= 0 and x28.max() <= 1
     # align_corners=False upsampling keeps the corner pixels and (nearly) the mean intensity
-    for (i, j), (k, l) in (((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))):
-        torch.testing.assert_close(x28[:, :, i, j], x8[:, :, k, l])
+    for (i, j), (k, m) in (((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))):
+        torch.testing.assert_close(x28[:, :, i, j], x8[:, :, k, m])
     torch.testing.assert_close(x28.mean((1, 2, 3)), x8.mean((1, 2, 3)), atol=0.03, rtol=0)
     # a non-square target and shrinking
     assert load_dataset("digits", resize=(6, 10), limit=4).in_shape == (1, 6, 10)
@@ -281,7 +281,8 @@ def test_cifar10_decodes_binary_records(tmp_path, layout):
         # record layout: label, then the R, G, B planes of 1024 bytes, each 32 rows of 32
         n = len(rec)
         for ch, r, c in ((0, 0, 0), (0, 0, 31), (1, 5, 7), (2, 31, 0), (2, 31, 31)):
-            assert torch.equal(got[:, ch, r, c], torch.from_numpy(rec[:, 1 + ch * 1024 + r * 32 + c].copy())), (ch, r, c)
+            assert torch.equal(got[:, ch, r, c],
+                               torch.from_numpy(rec[:, 1 + ch * 1024 + r * 32 + c].copy())), (ch, r, c)
         assert torch.equal(got.reshape(n, -1), torch.from_numpy(rec[:, 1:].copy()))
 
 

@@ -16,7 +16,13 @@ from torch import nn
 import fastdiv
 from fastdiv import analysis as A
 from fastdiv.evaluate import (
-    RESULTS_SCHEMA, EvalConfig, decode_flags, evaluate, evaluate_model, parse_eps, validate_results,
+    RESULTS_SCHEMA,
+    EvalConfig,
+    decode_flags,
+    evaluate,
+    evaluate_model,
+    parse_eps,
+    validate_results,
 )
 from fastdiv.nn import BayesLinear, Ensemble
 
@@ -189,7 +195,8 @@ def test_schema_rejects_broken_results(bayes_results):
         "> maximum 1": lambda r: r["clean"]["ensemble"].__setitem__("mean", 1.5),
         "expected 2 strings of 32 flags": lambda r: r["table"]["rows"][0]["results"][0]["correct"].__setitem__(0, "01"),
         "one cell per ε": lambda r: r["table"]["rows"][0]["results"].pop(),
-        "is not one of ['pass', 'fail', 'skipped']": lambda r: r["obfuscation"]["checks"][0].__setitem__("status", "ok"),
+        "is not one of ['pass', 'fail', 'skipped']":
+            lambda r: r["obfuscation"]["checks"][0].__setitem__("status", "ok"),
         "expected boolean": lambda r: r["model"].__setitem__("stochastic", "yes"),
         "does not match": lambda r: r["clean"]["correct"].__setitem__(0, "2" * 32),
     }
@@ -584,4 +591,5 @@ def test_sharded_evaluation_matches_single_process(bayes, data, tmp_path):
         assert sharded["gradients"]["stats"][name]["values"] == pytest.approx(
             single["gradients"]["stats"][name]["values"], abs=1e-5)
     assert sharded["gradients"]["gaas"]["mean_count"] == single["gradients"]["gaas"]["mean_count"]
-    assert [c["status"] for c in sharded["obfuscation"]["checks"]] == [c["status"] for c in single["obfuscation"]["checks"]]
+    assert ([c["status"] for c in sharded["obfuscation"]["checks"]]
+            == [c["status"] for c in single["obfuscation"]["checks"]])

@@ -10,8 +10,9 @@ from torch import nn
 
 import fastdiv
 from fastdiv.grads import per_example_loss, resolve_seed
-from conftest import Noise
 from fastdiv.nn import RandomizedModule, frozen_sample, sampling
+
+from conftest import Noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -47,7 +48,8 @@ def bn_model(dtype=torch.float64, seed=0):
 
 def stacked(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    return Stacked([nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5)) for _ in range(3)]).to(dtype)
+    return Stacked([nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 5))
+                    for _ in range(3)]).to(dtype)
 
 
 MODELS = {"noise-mlp": noise_mlp, "bn-train": bn_model, "stacked": stacked}
@@ -255,7 +257,8 @@ class ThreeD(nn.Module):
 ])
 def test_bad_inputs(case, error, match):
     x, y = data()
-    args = {"model": noise_mlp(), "x": x, "y": y, "n": 3, "loss": "ce", "strategy": "auto", "create_graph": False, "generator": 0}
+    args = {"model": noise_mlp(), "x": x, "y": y, "n": 3, "loss": "ce", "strategy": "auto", "create_graph": False,
+            "generator": 0}
     args.update(case)
     with pytest.raises(error, match=match):
         fastdiv.sample_input_grads(args["model"], args["x"], args["y"], args["n"], loss=args["loss"],

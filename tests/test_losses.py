@@ -10,6 +10,7 @@ import torch
 
 import fastdiv
 from fastdiv import reference
+
 from conftest import (
     BACKENDS,
     LOSS_BY_ID,
@@ -83,7 +84,8 @@ GRADCHECK_PARAMS = [
 def test_gradcheck_loss_hyperparameters(case_id, kw, backend):
     x = randn(2, 4, 5, seed=12).requires_grad_()
     case = LOSS_BY_ID[case_id]
-    assert torch.autograd.gradcheck(lambda t: case(t, backend=backend, reduction="none", **kw), (x,), atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda t: case(t, backend=backend, reduction="none", **kw), (x,),
+                                    atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -465,7 +467,8 @@ def assert_degenerate_finite(x, backend):
             out.sum().backward()
             assert_finite(leaf.grad, f"{case.id} gradient")
     leaf = x.clone().requires_grad_()
-    (fastdiv.normalize(leaf, backend=backend).float().sum() + fastdiv.cosine_gram(leaf, backend=backend).sum()).backward()
+    (fastdiv.normalize(leaf, backend=backend).float().sum()
+     + fastdiv.cosine_gram(leaf, backend=backend).sum()).backward()
     assert_finite(leaf.grad, "normalize/cosine_gram gradient")
     for q in (1.0, 2.0, math.inf):
         stats = fastdiv.concentration_stats(x, q=q, backend=backend)
@@ -540,7 +543,8 @@ def test_dpp_aligned_rows_documented_value(backend, n, jitter):
     # - the fp32 result is rounded once more: u |L|.
     # Rounding the aligned rows to fp32 turns them by ~u, which moves C by ~u^2 and L by ~u^2 / jitter.
     n_, d = x.shape[1], x[0].numel() // x.shape[1]
-    w_abs = torch.linalg.inv(torch.ones(n_, n_, dtype=torch.float64) + jitter * torch.eye(n_, dtype=torch.float64)).abs()
+    w_abs = torch.linalg.inv(torch.ones(n_, n_, dtype=torch.float64)
+                             + jitter * torch.eye(n_, dtype=torch.float64)).abs()
     d_cos = 2 * gamma(d + 4, torch.float32) + 2 * gamma(3 * n_, torch.float32)
     bound = w_abs.sum().item() * d_cos + unit_roundoff(torch.float32) * abs(expected)
     v32 = fastdiv.dpp_loss(x.float(), jitter=jitter, backend=backend, reduction="none")
@@ -576,7 +580,8 @@ def test_kappa_clamp_aligned_rows(backend):
     x = randn(2, 1, d, seed=63) * torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)[None, :, None]
     for rho_max, p in [(1 - 1e-6, None), (0.9, None), (0.5, 3.0)]:
         kw = {} if p is None else {"p": p}
-        v, g = value_and_grad(lambda t: fastdiv.kappa_loss(t, rho_max=rho_max, backend=backend, reduction="none", **kw), x)
+        v, g = value_and_grad(lambda t: fastdiv.kappa_loss(t, rho_max=rho_max, backend=backend,
+                                                           reduction="none", **kw), x)
         pp = float(d if p is None else p)
         expected = rho_max * (pp - rho_max) / (1 - rho_max ** 2) / pp
         assert_close64(v, torch.full((2,), expected, dtype=torch.float64), f"rho_max={rho_max}", rtol=1e-6)

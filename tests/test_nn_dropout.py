@@ -61,7 +61,8 @@ def test_lpd_keep_rates_hand_computed():
     pd.train()
     pd(HAND)
     torch.testing.assert_close(pd.priority, torch.tensor([0.05, 0.25]))
-    torch.testing.assert_close(pd.keep_rate, torch.stack([expected[0].flatten()[:3].mean(), expected[1].mean()]).float())
+    torch.testing.assert_close(pd.keep_rate,
+                               torch.stack([expected[0].flatten()[:3].mean(), expected[1].mean()]).float())
 
 
 def test_pdd_keep_rates_hand_computed():

@@ -168,7 +168,7 @@ def test_frozen_sample_pins_one_member(ens, data):
     x, _ = data
     outs = torch.stack([m(x) for m in ens.members])
     seen = set()
-    for i in sample_models(ens, 12, seed=0):
+    for _ in sample_models(ens, 12, seed=0):
         z = ens(x)
         j = int((outs - z).abs().flatten(1).amax(1).argmin())
         torch.testing.assert_close(z, outs[j])

@@ -10,6 +10,7 @@ from torch.library import opcheck
 
 import fastdiv
 from fastdiv import reference
+
 from conftest import LOSS_CASES, LOSS_IDS, STAT_FIELDS, assert_close64, randn, requires_extension
 
 pytestmark = requires_extension
@@ -205,7 +206,8 @@ def test_opcheck_half_and_noncontiguous_inputs():
         opcheck(OPS.column_stats.default, (x.detach().requires_grad_(), EPS))
 
 
-@pytest.mark.parametrize("outputs", [(0, 1, 2), (0,), (1,), (2,), (0, 2)], ids=lambda o: "outputs" + "".join(map(str, o)))
+@pytest.mark.parametrize("outputs", [(0, 1, 2), (0,), (1,), (2,), (0, 2)],
+                         ids=lambda o: "outputs" + "".join(map(str, o)))
 def test_column_stats_and_gram_grad_of_any_output_subset(outputs):
     """The autograd of column_stats (r, mean, var) and gram (S, l1) with only some outputs used: the
     unused ones reach the backward as None (set_materialize_grads(False))."""
@@ -301,7 +303,8 @@ def several_losses(g):
 
 def sample_dim0_losses(g):
     stats = fastdiv.concentration_stats(g, sample_dim=0, q=math.inf)
-    return (fastdiv.dpp_loss(g, sample_dim=0, reduction="none") * 2 + fastdiv.gal_loss(g, sample_dim=0, reduction="none")
+    return (fastdiv.dpp_loss(g, sample_dim=0, reduction="none") * 2
+            + fastdiv.gal_loss(g, sample_dim=0, reduction="none")
             + stats.rho + stats.dpp)
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import fastdiv
 from fastdiv import reference
+
 from conftest import BACKENDS, LOSS_CASES, STAT_FIELDS, assert_close64
 
 SETTINGS = settings(max_examples=25, deadline=None, database=None, derandomize=True)
@@ -96,7 +97,8 @@ def test_orthogonal_rows(backend, b, n, extra, seed, jitter):
     kw = dict(backend=backend, reduction="none")
     r_dpp = fastdiv.dpp_loss(x, jitter=jitter, **kw)
     assert (r_dpp.abs() <= n * jitter * 1.01).all(), r_dpp
-    assert_close64(r_dpp, torch.full((b,), -n * math.log1p(jitter), dtype=torch.float64), "R_DPP", rtol=1e-8, atol=1e-12)
+    assert_close64(r_dpp, torch.full((b,), -n * math.log1p(jitter), dtype=torch.float64), "R_DPP",
+                   rtol=1e-8, atol=1e-12)
     zeros = torch.zeros(b, dtype=torch.float64)
     assert_close64(fastdiv.mean_cosine_loss(x, **kw), zeros, "R_mean", atol=1e-12)
     assert_close64(fastdiv.max_cosine_loss(x, **kw), zeros, "R_max", atol=1e-12)
@@ -136,7 +138,8 @@ def test_identical_rows(backend, b, n, d, seed):
     k.sum().backward()
     assert leaf.grad.abs().max() == 0
     # Var[u_d] = 0 in every column
-    assert_close64(fastdiv.variance_penalty(x, kind="min", **kw), torch.zeros(b, dtype=torch.float64), "-min Var", atol=1e-12)
+    assert_close64(fastdiv.variance_penalty(x, kind="min", **kw), torch.zeros(b, dtype=torch.float64), "-min Var",
+                   atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,7 +150,8 @@ def test_identities_between_losses(backend, shape, seed):
     kw = dict(backend=backend, reduction="none")
     s = stats(x, backend)
     assert_close64(fastdiv.mean_penalty(x, **kw), s.rho ** 2, "mean_penalty == rho^2")
-    assert_close64(fastdiv.gal_loss(x, **kw), fastdiv.smoothmax_cosine_loss(x, **kw) - math.log(2), "gal == smoothmax - log 2")
+    assert_close64(fastdiv.gal_loss(x, **kw), fastdiv.smoothmax_cosine_loss(x, **kw) - math.log(2),
+                   "gal == smoothmax - log 2")
     assert_close64(s.mean_cos, fastdiv.mean_cosine_loss(x, **kw), "mean_cos == mean_cosine_loss")
     assert_close64(s.coherence, fastdiv.max_cosine_loss(x, **kw), "coherence == max_cosine_loss")
     assert_close64(s.dpp, fastdiv.dpp_loss(x, **kw), "dpp == dpp_loss")

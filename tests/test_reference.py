@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastdiv import reference
+
 from conftest import randn
 
 SHAPES = [(3, 2, 5), (2, 4, 7), (2, 5, 3, 4), (1, 10, 30)]
@@ -165,7 +166,8 @@ def test_reference_kappa_hat_formula_and_clamp():
     # kappa_loss = kappa_hat(rho, p = D) / D with rho the mean resultant length
     x = randn(2, 4, 9, seed=6)
     rho_x = reference.mean_resultant_length(x)
-    np.testing.assert_allclose(reference.kappa_loss(x).numpy(), (reference.kappa_hat(rho_x, 9.0) / 9).numpy(), rtol=1e-14)
+    np.testing.assert_allclose(reference.kappa_loss(x).numpy(), (reference.kappa_hat(rho_x, 9.0) / 9).numpy(),
+                               rtol=1e-14)
 
 
 def test_reference_gal_and_smoothmax_relation():
@@ -200,7 +202,8 @@ def test_reference_variance_head():
     # a very low temperature approaches the hard min, a very high one the plain mean
     np.testing.assert_allclose(reference.variance_head(var, "softmin", 1e-6).numpy(),
                                reference.variance_head(var, "min").numpy(), rtol=1e-6)
-    np.testing.assert_allclose(reference.variance_head(var, "softmin", 1e6).numpy(), -var.numpy().mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(reference.variance_head(var, "softmin", 1e6).numpy(), -var.numpy().mean(axis=1),
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="kind"):
         reference.variance_head(var, "median")
 

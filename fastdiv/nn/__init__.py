@@ -2,6 +2,12 @@
 
 :mod:`fastdiv.nn.sampling` defines how: a replicated batch plus per-sample draws.
 """
+from .bayes import BayesBatchNorm2d, BayesConv2d, BayesianLayer, BayesLinear, kl_divergence
+from .dropout import PriorityDropout, PriorityDropoutEnsemble
+from .ensemble import Ensemble, predict
+from .models import MODELS, Classifier, SharedPrefix, build_model
+from .noise import NoiseInjection
+from .population import Population, counter_link_masks, prse
 from .sampling import (
     RandomizedModule,
     SampleState,
@@ -13,12 +19,6 @@ from .sampling import (
     sampling,
     supports_batched,
 )
-from .bayes import BayesBatchNorm2d, BayesConv2d, BayesLinear, BayesianLayer, kl_divergence
-from .noise import NoiseInjection
-from .models import MODELS, Classifier, SharedPrefix, build_model
-from .ensemble import Ensemble, predict
-from .population import Population, counter_link_masks, prse
-from .dropout import PriorityDropout, PriorityDropoutEnsemble
 
 __all__ = [
     "RandomizedModule", "SampleState", "frozen_sample", "has_unseeded_randomness", "is_randomized",
@@ -28,4 +28,5 @@ __all__ = [
 __all__ += ["BayesBatchNorm2d", "BayesConv2d", "BayesLinear", "BayesianLayer", "kl_divergence"]
 __all__ += ["NoiseInjection"]
 __all__ += ["MODELS", "Classifier", "SharedPrefix", "build_model"]
-__all__ += ["Ensemble", "Population", "PriorityDropout", "PriorityDropoutEnsemble", "counter_link_masks", "predict", "prse"]
+__all__ += ["Ensemble", "Population", "PriorityDropout", "PriorityDropoutEnsemble", "counter_link_masks", "predict",
+            "prse"]

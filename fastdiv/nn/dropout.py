@@ -290,7 +290,8 @@ class PriorityDropoutEnsemble(Ensemble):
             if len(inputs) != 1 or out is not outputs[0]:
                 raise RuntimeError(f"PriorityDropoutEnsemble: members[{i}]'s output must be the output of its head "
                                    f"{self.head_names[i]!r} called once (it was called {len(inputs)} times"
-                                   f"{'' if len(inputs) != 1 else ' and the output differs'}); pass head=<the last layer>")
+                                   f"{'' if len(inputs) != 1 else ' and the output differs'}); "
+                                   "pass head=<the last layer>")
             feats.append(inputs[0])
             heads.append(head)
         shapes = {tuple(f.shape) for f in feats}

@@ -182,7 +182,8 @@ class Ensemble(RandomizedModule):
         shapes = {tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in outs}
         if len(shapes) != 1 or None in shapes:
             raise ValueError(f"{type(self).__name__}: all members must return logits of one shape [N, C], "
-                             f"got {[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outs]}")
+                             "got "
+                             f"{[tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outs]}")
         return torch.stack(outs)
 
     def _sample_forward(self, x: torch.Tensor, state: SampleState) -> torch.Tensor:

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .ensemble import _BatchNorm, _check_members, _frozen_member, _plain_batch_norms, _same_architecture
 from .._seeds import mix_seed
+from .ensemble import _BatchNorm, _check_members, _frozen_member, _plain_batch_norms, _same_architecture
 from .sampling import RandomizedModule
 
 __all__ = ["DISPATCH", "Population", "counter_link_masks", "prse"]

@@ -47,7 +47,8 @@ def register(ns: str) -> None:
             return None, None
         (x,) = ctx.saved_tensors
         b, n, _ = x.shape
-        a = (grad_s + grad_s.transpose(1, 2)) if grad_s is not None else x.new_zeros((b, n, n), dtype=acc_dtype(x.dtype))
+        a = ((grad_s + grad_s.transpose(1, 2)) if grad_s is not None
+             else x.new_zeros((b, n, n), dtype=acc_dtype(x.dtype)))
         beta = grad_l1 if grad_l1 is not None and grad_l1.numel() else None
         return ops.gram_pullback(x, a, beta), None
 

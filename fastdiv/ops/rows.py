@@ -62,6 +62,7 @@ def normalize(x: torch.Tensor, eps: float, *, ns: str = "fastdiv") -> torch.Tens
     return getattr(torch.ops, ns).normalize(x, eps)
 
 
-def column_stats(x: torch.Tensor, eps: float, *, ns: str = "fastdiv") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def column_stats(x: torch.Tensor, eps: float, *,
+                 ns: str = "fastdiv") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row norms r [B, n], column mean and population variance of u over the n rows [B, D]."""
     return getattr(torch.ops, ns).column_stats(x, eps)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ._common import acc_dtype, acc_tl, block_d
 
+
 @triton.jit
 def _sign(v):
     return tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, v * 0.0))  # 0 * NaN keeps NaN

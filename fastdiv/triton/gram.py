@@ -19,6 +19,7 @@ from . import fused
 from ._common import acc_dtype, load_tile, tile_blocks, tile_gram
 from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
+
 @triton.jit
 def _gram_kernel(x_ptr, s_ptr, l1_ptr, n, d, stride_b, stride_n,
                  WITH_L1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):

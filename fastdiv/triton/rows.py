@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ._common import acc_dtype, acc_tl, block_d, tile_blocks
 
+
 def _eps_tensor(eps: float, device) -> torch.Tensor:
     return torch.tensor([eps], dtype=torch.float64, device=device)
 
