@@ -3,6 +3,7 @@
 #   make demo    set up .venv (pinned dependencies, fastdiv with its C++ kernels built) and run
 #                `fastdiv demo` on the embedded digits data (ARGS="..." passes flags to it)
 #   make test    also install what the tests need and run the suite (what CI runs)
+#   make lint    ruff check, and the docs built with mkdocs --strict into site/ (CI runs it too)
 #
 # Each step leaves a stamp in .venv, so a second run downloads and rebuilds nothing unless a
 # requirements file, setup.py/pyproject.toml or a C++ source changed. `make clean` removes .venv and
@@ -18,13 +19,17 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 KERNEL_SOURCES := $(wildcard fastdiv/csrc/*.cpp fastdiv/csrc/*.h fastdiv/csrc/cpu/*.cpp fastdiv/csrc/cpu/*.h \
                              fastdiv/csrc/cuda/*.cu fastdiv/csrc/cuda/*.cpp fastdiv/csrc/cuda/*.h fastdiv/csrc/cuda/*.cuh)
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/fastdiv demo $(ARGS)
 
 test: $(VENV)/.built $(VENV)/.test-deps
 	$(PY) -m pytest tests -q
+
+lint: $(VENV)/.built $(VENV)/.lint-deps
+	$(VENV)/bin/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 setup: $(VENV)/.built
 
@@ -40,6 +45,10 @@ $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
 	$(PIP) install --no-deps torchattacks==3.5.1
 	touch $@
 
+$(VENV)/.lint-deps: requirements-docs.txt $(VENV)/.deps
+	$(PIP) install -r requirements-docs.txt ruff==0.17.6
+	touch $@
+
 # --no-build-isolation: compile against the torch just installed (setup.py says why); -e: the tests
 # and benchmarks run against this source tree
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(KERNEL_SOURCES)
@@ -48,4 +57,4 @@ $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(KERNEL_SOURCES)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build fastdiv/_C*.so
+	rm -rf $(VENV) build site fastdiv/_C*.so
