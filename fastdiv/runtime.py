@@ -95,14 +95,15 @@ def setup_ranks(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), _local_rank(), owned)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``: a reader (or
-    a run killed mid-write) sees the old file or the new one, never a torn one."""
+def _write_atomically(path: Path, mode: str, write) -> None:
+    """Calls ``write(file)`` on a temp file in ``path``'s directory, fsyncs it, then ``os.replace``s it
+    onto ``path``: a reader (or a run killed mid-write) sees the old file or the new one, never a torn
+    one. A failed write leaves the old file and no temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+        with open(tmp, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -117,19 +118,14 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(fd)
 
 
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path``, atomically (see :func:`_write_atomically`)."""
+    _write_atomically(path, "wb", lambda fh: torch.save(obj, fh))
+
+
 def atomic_write_text(text: str, path: Path) -> None:
-    """Writes ``text`` to ``path`` through a temp file and ``os.replace`` (see :func:`atomic_save`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Writes ``text`` to ``path``, atomically (see :func:`_write_atomically`)."""
+    _write_atomically(path, "w", lambda fh: fh.write(text))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
