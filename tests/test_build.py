@@ -54,6 +54,20 @@ def test_wheel_carries_every_source():
                 f"{rel} is not in pyproject.toml's package-data"
 
 
+def test_wheel_carries_every_python_package():
+    """Every folder of fastdiv/ with an __init__.py is a package that pyproject's find rule ships."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = pytest.importorskip("setuptools")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        rule = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(setuptools.find_packages(ROOT, include=rule["include"]))
+    for folder, _, files in os.walk(_build_flags.PACKAGE_DIR):
+        if "__init__.py" in files and "__pycache__" not in folder:
+            package = os.path.relpath(folder, ROOT).replace(os.sep, ".")
+            assert package in shipped, f"{package} is not shipped by pyproject.toml's packages.find rule"
+    assert {"fastdiv", "fastdiv.nn", "fastdiv.attacks", "fastdiv.data"} <= shipped
+
+
 @pytest.mark.parametrize("value, expected", [("", "fallback"), ("1", "force"), ("on", "force"), ("0", "never"),
                                              ("no", "never")])
 def test_jit_mode(monkeypatch, value, expected):

@@ -1,7 +1,7 @@
-"""Tests of ``fastdiv evaluate`` (fastdiv/evaluate.py, fastdiv/analysis.py): the pipeline end to end on
+"""Tests of ``fastdiv evaluate`` (fastdiv/evaluate/, fastdiv/analysis/): the pipeline end to end on
 tiny models, the results schema, the Total row, the gradient-obfuscation checklist on a gradient-masking
-model and on a plain one, the plots, bad input, sharding across ranks, and the analysis primitives
-against hand computations."""
+model and on a plain one, the plots, bad input, the flags generated from EvalConfig, sharding across
+ranks and the merge of the ranks' results, and the analysis primitives against hand computations."""
 from __future__ import annotations
 
 import json
@@ -362,6 +362,47 @@ def test_cli_on_a_trained_run(tiny_run, capsys):
     assert res["obfuscation"] == {"checks": [], "passed": None, "settings": res["obfuscation"]["settings"]}
 
 
+#: a flag value per EvalConfig field that is not a plain int (those get default + 2) or a bool (--no-NAME)
+FLAG_SAMPLES = {"attacks": ("fgsm,PGD", ["fgsm", "pgd"]), "eps": ("0.1,8/255", [0.1, 8 / 255]),
+                "forms": ("one", ["one"]), "curve_eps": ("0.05", [0.05]), "transfer_attacks": ("bim", ["bim"]),
+                "gaas_k": ("16", [16]), "curve_attack": ("fgsm", "fgsm"), "transfer_attack": ("fgsm", "fgsm"),
+                "limit": ("7", 7), "grad_examples": ("7", 7), "alpha_factor": ("0.5", 0.5),
+                "min_margin": ("0.05", 0.05)}
+
+
+def test_every_config_field_is_a_flag():
+    """Each EvalConfig field has a flag (generated from the dataclass), which sets that field and only it."""
+    import dataclasses
+
+    from fastdiv.cli import build_parser
+    from fastdiv.evaluate.cli import config_flags, config_settings
+
+    fields = dataclasses.fields(EvalConfig)
+    flags = config_flags()
+    assert list(flags) == [f.name for f in fields]
+    defaults = EvalConfig().check(fastdiv.attacks.ATTACKS)
+    parse = build_parser().parse_args
+    assert config_settings(parse(["evaluate", "run", "--square-queries", "5"]))["square_queries"] == 5
+    for f in fields:
+        if f.name in FLAG_SAMPLES:
+            text, expected = FLAG_SAMPLES[f.name]
+            argv = [flags[f.name], text]
+        elif f.type == "bool":
+            argv, expected = [flags[f.name]], not f.default
+            assert flags[f.name] == "--no-" + f.name.replace("_", "-")
+        else:
+            assert f.type == "int", f"add a sample value for the new field {f.name} to FLAG_SAMPLES"
+            argv, expected = [flags[f.name], str(f.default + 2)], f.default + 2
+        args = parse(["evaluate", "run", *argv])
+        cfg = EvalConfig(**config_settings(args)).check(fastdiv.attacks.ATTACKS)
+        assert getattr(cfg, f.name) == pytest.approx(expected), f.name
+        assert {k: v for k, v in vars(cfg).items() if k != f.name} == {
+            k: v for k, v in vars(defaults).items() if k != f.name}, f.name
+    # no flags: exactly EvalConfig's defaults
+    assert vars(EvalConfig(**config_settings(parse(["evaluate", "run"]))).check(fastdiv.attacks.ATTACKS)) == vars(
+        defaults)
+
+
 def test_parse_eps():
     assert parse_eps("0.1, 8/255,0") == [0.1, 8 / 255, 0.0]
     assert parse_eps([0.3, "1/10"]) == [0.3, 0.1]
@@ -559,6 +600,32 @@ def test_population_end_to_end(data):
 
 SHARD_SETTINGS = dict(attacks="fgsm", eps=[0.1, 0.3], eot_samples=2, ensemble_samples=3, grad_samples=4,
                       gaas_examples=10, gaas_k=(4,), random_samples=0, transfer_models=0, batch_size=4, quiet=True)
+
+
+def test_merge_orders_every_example_index():
+    """Two ranks' shards (every other example; gradient and GAAS subsets of different sizes) merge into
+    test-set order, each field along its own index."""
+    from fastdiv.evaluate.shard import GradientResult, Predictions, RowResult, RowSpec, ShardResult, merge
+
+    def shard(rank, n=7, grad=5, gaas=3):
+        index = torch.arange(n)[rank::2]
+        gi, ai = index[index < grad], index[index < gaas]
+        flags = Predictions(index.repeat(2, 1) % 3 == 0, index.repeat(2, 1) % 2 == 0)  # [R=2, N]
+        row = RowResult(RowSpec("fgsm", None, "FGSM", "fgsm/plain"), flags, [{"eps": 0.1}])
+        grads = GradientResult(dimension=4, grad_index=gi, stats={"rho": gi.float() / 10},
+                               gaas_ks=[4], gaas_index=ai, gaas=ai.view(1, 1, -1) * 100,
+                               projection={"rank": rank} if rank == 0 else None)
+        return ShardResult(index, 4, True, None, "mean", clean=flags, rows=[row], gradients=grads)
+
+    merged = merge([shard(0), shard(1)])
+    assert merged.index.tolist() == list(range(7))
+    assert torch.equal(merged.clean.ensemble, torch.arange(7).repeat(2, 1) % 3 == 0)
+    assert torch.equal(merged.rows[0].flags.worst, torch.arange(7).repeat(2, 1) % 2 == 0)
+    assert merged.rows[0].spec.label == "FGSM" and merged.rows[0].settings == [{"eps": 0.1}]
+    g = merged.gradients
+    assert g.grad_index.tolist() == [0, 1, 2, 3, 4] and g.stats["rho"].tolist() == pytest.approx([0, .1, .2, .3, .4])
+    assert g.gaas_index.tolist() == [0, 1, 2] and g.gaas.flatten().tolist() == [0, 100, 200]
+    assert g.projection == {"rank": 0}  # computed on rank 0 only
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Tests of fastdiv/report.py: markdown helpers against literal expectations, every plot written as a
+"""Tests of fastdiv/report/: markdown helpers against literal expectations, every plot written as a
 non-empty PNG, a report re-rendered from a saved results.json, and the side-by-side comparison."""
 from __future__ import annotations
 

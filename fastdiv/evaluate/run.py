@@ -1,0 +1,176 @@
+"""The entry points: :func:`evaluate_model` (any model and test set, in memory) and :func:`evaluate` (a run
+directory written by ``fastdiv train``). Under ``torchrun`` every rank evaluates every world-th example;
+the shards are merged on every rank and rank 0 writes the files."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..runtime import resolve_device, setup_ranks
+from .aggregate import aggregate, model_name
+from .attack_setup import attack_registry
+from .config import EvalConfig
+from .outputs import write_outputs
+from .schema import validate_results
+from .shard import merge
+from .stages import run_shard
+
+__all__ = ["evaluate", "evaluate_model"]
+
+
+def _as_xy(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) from a TensorDataset, a DatasetSplits (its test split) or a pair of tensors."""
+    if hasattr(data, "test") and not isinstance(data, (tuple, list)):
+        data = data.test
+    if hasattr(data, "tensors"):
+        data = data.tensors
+    if not (isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data[:2])):
+        raise TypeError("data: expected a TensorDataset, a DatasetSplits or a pair (images [N,C,H,W], labels [N]), "
+                        f"got {type(data).__name__}")
+    x, y = data[0], data[1]
+    if not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"data: images must be a float tensor [N, ...], got {x.dtype} {tuple(x.shape)}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"data: labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    return x, y.long()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module | None):
+    """``model.eval()`` for the block, then its previous mode (nothing for None)."""
+    if model is None:
+        yield
+        return
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def evaluate_model(model: nn.Module, data, *, out: str | os.PathLike | None = None, quiet: bool = False,
+                   device: str | torch.device | None = "auto", surrogate: nn.Module | None = None,
+                   surrogate_name: str | None = None, name: str | None = None, dataset_name: str = "custom",
+                   run_info: dict | None = None, command: str | None = None, **settings) -> dict:
+    """Evaluates ``model`` on ``data`` (a TensorDataset, a DatasetSplits — its test split — or
+    ``(images, labels)``) and returns the results dictionary (schema :data:`RESULTS_SCHEMA`).
+
+    ``settings`` are the fields of :class:`EvalConfig` (attacks, eps, forms, steps, alpha_factor,
+    eot_samples, ensemble_samples, repeats, seed, limit, ...). ``surrogate``: a model to craft transfer
+    attacks on (GAL Table 2). ``out``: when given, ``results.json``, ``report.md`` and the plots are
+    written there (by rank 0). Invalid settings raise ``ValueError`` before any work or file.
+
+    >>> res = fastdiv.evaluate.evaluate_model(model, (x, y), attacks="fgsm,pgd", eps=[0.1, 0.3], repeats=3)
+    >>> res["table"]["total"]["results"][0]["ensemble"]["mean"]
+    """
+    cfg = EvalConfig(**settings).check(attack_registry())
+    x_all, y_all = _as_xy(data)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    dev = resolve_device(device)
+    if cfg.limit is not None:
+        x_all, y_all = x_all[:cfg.limit], y_all[:cfg.limit]
+    if x_all.shape[0] == 0:
+        raise ValueError("data: the test set is empty")
+    ranks = setup_ranks(dev)
+    t_start = time.perf_counter()
+    try:
+        model = model.to(dev)
+        if surrogate is not None:
+            surrogate = surrogate.to(dev)
+        with _eval_mode(model), _eval_mode(surrogate):
+            shard = torch.arange(x_all.shape[0])[ranks.rank::ranks.world]
+            result, timing = run_shard(model, x_all[shard].to(dev), y_all[shard].to(dev), shard, cfg,
+                                       surrogate=surrogate, ranks=ranks, quiet=quiet, x0=x_all[:1].to(dev),
+                                       y0=y_all[:1].to(dev))
+        merged = merge(ranks.gather(result))
+    finally:
+        ranks.close()
+    timing["total_s"] = time.perf_counter() - t_start
+    results = aggregate(merged, cfg, model=model, in_shape=list(x_all.shape[1:]), name=name,
+                        dataset_name=dataset_name, run_info=run_info,
+                        surrogate_name=(surrogate_name or type(surrogate).__name__) if surrogate is not None else None,
+                        timing=timing, device=dev, world=ranks.world, command=command)
+    validate_results(results)
+    if out is not None and ranks.rank == 0:
+        write_outputs(results, out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# From a run directory
+# ------------------------------------------------------------------------------------------------
+
+_CHECKPOINTS = {"best": "best.pt", "last": "checkpoint.pt"}
+
+
+def _check_run_dir(run_dir, which: str, arg: str = "run_dir") -> Path:
+    if which not in _CHECKPOINTS:
+        raise ValueError(f"which: must be 'best' or 'last', got {which!r}")
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{arg}: {str(path)!r} is not a directory (expected a run from `fastdiv train`)")
+    if not any((path / f).is_file() for f in _CHECKPOINTS.values()):
+        raise FileNotFoundError(f"{arg}: {str(path)!r} has no checkpoint (best.pt or checkpoint.pt); "
+                                "train one with `fastdiv train`")
+    return path
+
+
+def _load(run_dir: Path, which: str, device: torch.device):
+    from ..train import load_run
+
+    if not (run_dir / _CHECKPOINTS[which]).is_file():  # e.g. no best.pt yet: fall back on the other one
+        which = "last" if which == "best" else "best"
+    model, config = load_run(run_dir, which=which, device=str(device))
+    return model, config, which
+
+
+def _test_data(config: dict):
+    from ..data import load_dataset
+
+    return load_dataset(config["dataset"], config.get("data_dir"), resize=config.get("resize"),
+                        seed=config.get("seed", 0))
+
+
+def _jsonable(obj):
+    try:
+        return json.loads(json.dumps(obj, default=str))
+    except (TypeError, ValueError):
+        return str(obj)
+
+
+def evaluate(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, which: str = "best",
+             device: str | torch.device | None = "auto", transfer_from: str | os.PathLike | None = None,
+             quiet: bool = False, command: str | None = None, write: bool = True, **settings) -> dict:
+    """Evaluates the trained run in ``run_dir`` on its dataset's test split and writes ``results.json``,
+    ``report.md`` and the plots into ``out`` (default ``run_dir/eval``; ``write=False`` writes nothing).
+    ``transfer_from``: a surrogate run to craft transfer attacks on. ``settings``: :class:`EvalConfig`
+    fields. Bad input (no checkpoint, unknown attack, ε outside [0, 1]) raises before anything is
+    written.
+
+    >>> fastdiv.evaluate.evaluate("runs/advbnn-digits", eps=[0.1, 0.2, 0.3], repeats=3)
+    """
+    cfg = EvalConfig(**settings).check(attack_registry())
+    path = _check_run_dir(run_dir, which)
+    src_path = _check_run_dir(transfer_from, "best", "transfer_from") if transfer_from is not None else None
+    dev = resolve_device(device)
+    model, config, used = _load(path, which, dev)
+    data = _test_data(config)
+    surrogate = surrogate_name = None
+    if src_path is not None:
+        surrogate, s_config, _ = _load(src_path, "best", dev)
+        surrogate_name = model_name(surrogate, s_config)
+    run_info = {"run_dir": str(path), "which": used, "config": _jsonable(config),
+                "transfer_from": str(src_path) if src_path else None}
+    return evaluate_model(model, data, out=(Path(out) if out is not None else path / "eval") if write else None,
+                          quiet=quiet, device=dev, surrogate=surrogate, surrogate_name=surrogate_name,
+                          name=model_name(model, config), dataset_name=getattr(data, "name", config["dataset"]),
+                          run_info=run_info, command=command, **dataclasses.asdict(cfg))
