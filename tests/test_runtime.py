@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiv import evaluate, runtime, train
+from fastdiv import runtime
 
 
 def test_resolve_device_cpu_and_auto_without_cuda(monkeypatch):
@@ -37,8 +37,12 @@ def test_resolve_device_one_gpu_per_local_rank(monkeypatch, local_rank, expected
 
 
 def test_both_drivers_use_the_one_device_rule():
-    assert train.resolve_device is evaluate.resolve_device is runtime.resolve_device
-    assert train.setup_ranks is evaluate.setup_ranks is runtime.setup_ranks
+    # the modules of the two drivers that pick the device and set up the ranks
+    from fastdiv.evaluate import run as evaluate_run
+    from fastdiv.train import run_setup as train_setup
+
+    assert train_setup.resolve_device is evaluate_run.resolve_device is runtime.resolve_device
+    assert train_setup.setup_ranks is evaluate_run.setup_ranks is runtime.setup_ranks
 
 
 def test_single_process_ranks(monkeypatch):

@@ -1,0 +1,201 @@
+"""Setting up a run: device and ranks, the run directory, data, model and the modules the training and
+evaluation forwards go through, the static source model, optimizer, scheduler and DDP, and the
+position of a resumed run. :class:`RunSetup` holds all of it; :class:`fastdiv.train.trainer.Trainer`
+adds the step and the epoch loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._seeds import mix_seed
+from ..analysis import members_of
+from ..nn.sampling import is_stochastic
+from ..runtime import atomic_write_text, resolve_device, seed_globals, setup_ranks
+from . import streams
+from .checkpoint import TrainingCheckpoint, truncate_metrics
+from .config import TrainConfig, parse_reg
+from .models import MemberLogits, build_model_from_config, load_run
+from .source import StaticSource
+from .stopping import SignalFlag
+
+__all__ = ["RunSetup"]
+
+
+class RunSetup:
+    """A run's state between steps. ``__init__`` only resolves the device, ranks and paths;
+    :meth:`setup` builds the rest (and reads the checkpoint of a resumed run)."""
+
+    def __init__(self, cfg: TrainConfig, quiet: bool) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        self.device = resolve_device(cfg.device)
+        self.dist = setup_ranks(self.device)
+        if self.dist.enabled and cfg.batch_size % self.dist.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
+                             f"({self.dist.world}): it is the global batch")
+        self.reg_terms = parse_reg(cfg.reg)
+        self.run_dir = Path(cfg.out if cfg.out else f"runs/{cfg.preset or 'custom'}-{cfg.dataset}-s{cfg.seed}"
+                            + (f"-{cfg.base}" if cfg.base else ""))
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.best_path = self.run_dir / "best.pt"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.signals: SignalFlag | None = None
+
+    # -- output helpers ---------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.dist.main:
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg, file=sys.stdout)
+            except ImportError:  # pragma: no cover
+                print(msg, flush=True)
+            sys.stdout.flush()
+
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Builds the run (rank 0 creates the run directory) and, with ``resume``, restores its checkpoint."""
+        cfg = self.cfg
+        # looked up at call time (tests substitute fastdiv.data.load_dataset)
+        from ..data import load_dataset
+
+        if not cfg.resume and self.ckpt_path.exists():  # every rank sees it: no rank waits for a dead one
+            raise FileExistsError(f"{self.run_dir} already holds a checkpoint.pt; pass --resume to continue it "
+                                  f"or choose another --out")
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".*.tmp"):  # left by a run killed while saving
+                stale.unlink(missing_ok=True)
+        self._barrier()
+        self.data = load_dataset(cfg.dataset, cfg.data_dir, resize=cfg.resize, seed=cfg.seed, limit=cfg.limit)
+        self.x_train, self.y_train = self.data.train.tensors
+        self.x_val, self.y_val = self.data.val.tensors
+        if len(self.x_train) == 0:
+            raise ValueError(f"dataset {cfg.dataset!r} has an empty training split")
+        self.in_shape = tuple(int(s) for s in self.data.in_shape)
+        self.num_classes = int(self.data.num_classes)
+
+        seed_globals(cfg.seed)
+        self.model = build_model_from_config(cfg, self.in_shape, self.num_classes).to(self.device)
+        if cfg.init_from:
+            src, _ = load_run(cfg.init_from, which="best", device=str(self.device))
+            try:
+                self.model.load_state_dict(src.state_dict())
+            except RuntimeError as e:
+                raise ValueError(f"init_from {cfg.init_from!r}: its model does not match this run's "
+                                 f"({cfg.model}, {cfg.wrapper} of {cfg.members}): {e}") from None
+        self.members = members_of(self.model)
+        # the module the training (and evaluation) forwards go through: a population trains every
+        # member on every batch through an Ensemble view of its members (sample s = member s; the
+        # population's own forward dispatches at random); a priority-dropout ensemble gives all its
+        # members' logits under the dropout in one pass
+        self.member_view = None
+        if cfg.wrapper == "population":
+            from ..nn.ensemble import Ensemble
+            self.member_view = Ensemble(self.members)
+        self.eval_module = self.member_view if self.member_view is not None else self.model
+        self.dropout_logits = cfg.dropout is not None and not self.reg_terms
+        if self.dropout_logits:
+            self.train_module = MemberLogits(self.model)
+        else:
+            self.train_module = self.eval_module
+        self.randomized = is_stochastic(self.eval_module)
+        if cfg.prse_every:
+            from ..nn.population import counter_link_masks
+            counter_link_masks(self.model, fraction=cfg.link_fraction,
+                               generator=mix_seed(cfg.seed, streams.COUNTER_LINK))
+
+        # static source model and offline examples (ens-adv, d3-*-off): rank 0 prepares, others load
+        self.source = None
+        if cfg.offline != "none":
+            source = StaticSource(cfg, run_dir=self.run_dir, device=self.device, dist=self.dist,
+                                  in_shape=self.in_shape, num_classes=self.num_classes, x_train=self.x_train,
+                                  y_train=self.y_train, x_val=self.x_val, y_val=self.y_val, log=self.log,
+                                  barrier=self._barrier)
+            if self.dist.main:
+                self.source = source.load_or_train()
+            self._barrier()
+            if not self.dist.main:
+                self.source = source.load_or_train()
+            if cfg.offline == "pgd":
+                x_off, y_off = source.offline_examples(self.source)
+                self.x_train = torch.cat([self.x_train, x_off])
+                self.y_train = torch.cat([self.y_train, y_off])
+        self.n_train = len(self.x_train)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.milestones),
+                                                          gamma=cfg.lr_decay)
+        self.ddp = None
+        if self.dist.enabled:
+            # plain DDP supports the double backward of the regularizer: autograd.grad w.r.t. the
+            # input does not fire the parameter hooks, the final backward fires each once
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.local_batch = cfg.batch_size // self.dist.world
+        self.steps_per_epoch = self._steps_per_epoch()
+
+        # position
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best = {"val_acc": -1.0, "epoch": 0}
+        self.partial = None
+        resumed = False
+        if cfg.resume and self.ckpt_path.exists():
+            self._load_checkpoint()
+            resumed = True
+        if self.dist.main:
+            # rewritten on resume too: --epochs may have been extended
+            atomic_write_text(json.dumps(self.config_record(), indent=2) + "\n", self.run_dir / "config.json")
+            if not resumed and self.metrics_path.exists() and not cfg.resume:
+                self.metrics_path.unlink()
+            truncate_metrics(self.metrics_path, self.epoch)
+        self.log(f"fastdiv train: {cfg.preset or 'custom'} on {self.data.describe()}; {self._model_summary()}; "
+                 f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {self.device}"
+                 + (f" x {self.dist.world} processes" if self.dist.enabled else "")
+                 + (f"; resumed at epoch {self.epoch + 1} step {self.step_in_epoch + 1}" if resumed else "")
+                 + f"; run dir {self.run_dir}")
+
+    def _model_summary(self) -> str:
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.model.parameters())
+        what = cfg.model + (f" ({cfg.kind})" if cfg.kind != "deterministic" else "")
+        if cfg.wrapper != "single":
+            what = f"{cfg.wrapper} of {cfg.members} x {what}"
+        return f"{what}, {n:,} parameters"
+
+    def config_record(self) -> dict[str, Any]:
+        import fastdiv
+        rec = self.cfg.to_dict()
+        rec.pop("resume", None)
+        rec["out"] = str(self.run_dir)
+        rec.update(in_shape=list(self.in_shape), num_classes=self.num_classes, n_train=self.n_train,
+                   fastdiv_version=fastdiv.__version__, torch_version=torch.__version__,
+                   world_size=self.dist.world)
+        return rec
+
+    def _steps_per_epoch(self) -> int:
+        per_rank = math.ceil(self.n_train / self.dist.world)
+        return max(1, math.ceil(per_rank / self.local_batch))
+
+    def _load_checkpoint(self) -> None:
+        ckpt = TrainingCheckpoint.load(self.ckpt_path, self.device)
+        ckpt.restore(self.model, self.opt, self.sched, self.device)
+        self.epoch = ckpt.epoch
+        self.step_in_epoch = ckpt.step_in_epoch
+        self.global_step = ckpt.global_step
+        self.best = ckpt.best
+        self.partial = ckpt.partial
