@@ -1,8 +1,8 @@
 // Argument checks of the fastdiv ops, shared by the CPU registrations (fastdiv/csrc/cpu/) and the CUDA ones
 // (fastdiv/csrc/cuda/*_ops.cpp), so both reject the same bad input with the same message; for the ops with many
-// arguments also the preparation of the inputs and the allocation of the outputs (prepare_*). Every tensor argument
-// must be on the device of the op's main input; coefficient and statistic tensors have the accumulation
-// dtype (fp64 for fp64 inputs, fp32 otherwise).
+// arguments also the preparation of the inputs and the allocation of the outputs (prepare_*), and the parsing of
+// gram_loss's head name (parse_head). Every tensor argument must be on the device of the op's main input;
+// coefficient and statistic tensors have the accumulation dtype (fp64 for fp64 inputs, fp32 otherwise).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,8 @@
 #include <optional>
 #include <string>
 #include <tuple>
+
+#include "head_math.h"
 
 namespace fastdiv {
 
@@ -66,6 +68,21 @@ inline const at::Tensor* check_pullback_scale(const std::optional<at::Tensor>& s
 
 inline void check_samples(const at::Tensor& x, const char* op) {
   TORCH_CHECK_VALUE(x.size(1) >= 2, "fastdiv::", op, ": needs n >= 2 samples, got n = ", x.size(1));
+}
+
+// gram_loss's head name, as the op schema spells it, to the head of head_math.h.
+inline heads::Head parse_head(const std::string& name) {
+  using heads::Head;
+  if (name == "dpp") return Head::kDpp;
+  if (name == "mean") return Head::kMeanCos;
+  if (name == "kappa") return Head::kKappa;
+  if (name == "max") return Head::kMaxCos;
+  if (name == "smoothmax") return Head::kSmoothmax;
+  if (name == "gal") return Head::kGal;
+  if (name == "mean_penalty") return Head::kMeanPenalty;
+  if (name == "sparsity") return Head::kSparsity;
+  TORCH_CHECK_VALUE(false, "fastdiv: head must be one of dpp, mean, kappa, max, smoothmax, gal, ",
+                    "mean_penalty, sparsity; got '", name, "'");
 }
 
 inline void check_q(double q, const char* op) {

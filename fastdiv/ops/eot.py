@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype
+from .schemas import acc_dtype
 
 
 def register(ns: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, forbid_double_backward
+from .schemas import acc_dtype, forbid_double_backward
 
 
 def register(ns: str) -> None:

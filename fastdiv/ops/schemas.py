@@ -1,8 +1,12 @@
-"""The op schemas, as the C++ library defines them in fastdiv/csrc/ops.cpp (a test checks they agree).
+"""The contract of the fastdiv ops, shared by all their glue: the schemas as the C++ library defines them in
+fastdiv/csrc/ops.cpp (a test checks they agree), the op namespace of each backend, the dtype of their
+statistic outputs, and the rule that the pullback ops are first-order only.
 
 The Triton backend defines the same schemas under its own namespace, ``fastdiv_triton``, from this
-list: C++ owns the ``fastdiv`` namespace, and a Triton-only install has no C++ to read them from.
+list (fastdiv/ops/__init__.py): C++ owns the ``fastdiv`` namespace, and a Triton-only install has no C++ to
+read them from.
 """
+import torch
 
 SCHEMAS = {
     "gram": "gram(Tensor x, bool with_l1) -> (Tensor, Tensor)",
@@ -21,3 +25,21 @@ SCHEMAS = {
 
 #: op namespace of each compiled backend
 NAMESPACES = {"cpu": "fastdiv", "cuda": "fastdiv", "triton": "fastdiv_triton"}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels, and so of their loss, coefficient and statistic outputs: fp64 for
+    fp64 inputs, fp32 otherwise (acc_scalar_type in fastdiv/csrc/checks.h)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forbid_double_backward(ns: str, op: str) -> None:
+    """Pullback kernels are first-order only; differentiating through them raises instead of silently
+    returning zeros."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{ns}::{op} has no derivative: double backward through a fastdiv loss is not supported "
+            f"(create_graph=True on the loss's own backward). Use backend='torch' for that.")
+
+    torch.library.register_autograd(f"{ns}::{op}", backward)

@@ -5,8 +5,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import acc_dtype  # noqa: F401  (re-exported: the launchers' output dtype rule)
-
 #: Register budget of a program holding an n-row tile, in elements of the [BLOCK_N, BLOCK_D] tile.
 TILE_ELEMS = 4096
 #: Widest column block of the one-program-per-row kernels.

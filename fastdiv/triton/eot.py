@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_tl, block_d
+from ..ops.schemas import acc_dtype
+from ._common import acc_tl, block_d
 
 
 @triton.jit

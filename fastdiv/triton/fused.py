@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, load_tile, tile_blocks, tile_gram
+from ..ops.schemas import acc_dtype
+from ._common import load_tile, tile_blocks, tile_gram
 from .heads import HEADS, RHO_FLOOR, parse_head
 
 #: Largest n the fused kernel handles: its [BLOCK_N, BLOCK_N] float64 head tiles stay in registers.

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.schemas import acc_dtype
 from . import fused
-from ._common import acc_dtype, load_tile, tile_blocks, tile_gram
+from ._common import load_tile, tile_blocks, tile_gram
 from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
 

@@ -1,8 +1,16 @@
 """The n x n Gram heads, batched over B in float64 torch ops; a line-by-line mirror of
-fastdiv/csrc/cpu/heads.cpp (same norm floor, same kRhoFloor, same W -> Ŝ chain rule, same NaN rule).
+fastdiv/csrc/head_math.h (same norm floor, same kRhoFloor, same W -> Ŝ chain rule, same NaN rule).
+
+They run after the Gram kernel for n > 32 samples (fastdiv/triton/gram.py). For n <= 32 the fused
+kernel (fastdiv/triton/fused.py) runs the same heads as @triton.jit code on [BLOCK_N, BLOCK_N] register
+tiles. That copy cannot take every n: its tiles grow with n (at BLOCK_N = 128 the R_DPP variant already
+spills, 255 registers and ~900 bytes of stack a thread for sm_90), and for n > 32 it would replace the
+Cholesky of cholesky_ex by R_DPP's sweep, changing the rounding; torch ops cannot run inside a kernel. So
+the backend keeps both, and the Triton tests check each against the C++ ops.
 
 They cost O(n^3) per input against O(n^2 D) for the Gram kernel, and float64 keeps log det and
-1 - rho^2 accurate. Every function takes and returns float64 tensors.
+1 - rho^2 accurate. Every function takes and returns float64 tensors. HEADS, RHO_FLOOR and parse_head
+serve both copies.
 """
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import math
 import torch
 
 HEADS = ("dpp", "mean", "kappa", "max", "smoothmax", "gal", "mean_penalty", "sparsity")
-#: Below this mean resultant length R_kappa has zero gradient (heads.cpp kRhoFloor).
+#: Below this mean resultant length R_kappa has zero gradient (head_math.h kRhoFloor).
 RHO_FLOOR = 1e-10
 
 
@@ -135,7 +143,7 @@ def head_forward(head: str, s: torch.Tensor, l1: torch.Tensor | None, resultant:
     else:
         raise ValueError(head)
 
-    # Chain rule dL/dC -> dL/dS (heads.cpp): off-diagonal W_ij / (r_i r_j); the diagonal collects
+    # Chain rule dL/dC -> dL/dS (head_math.h): off-diagonal W_ij / (r_i r_j); the diagonal collects
     # -C_ij (W_ij + W_ji) / (2 S_ii) over j != i; rows below the norm floor get nothing.
     diag = -((w_mat + w_mat.transpose(1, 2)) * c).masked_fill(~off, 0).sum(-1)
     diag = diag * (0.5 * inv_r * inv_r)

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, acc_tl, block_d, tile_blocks
+from ..ops.schemas import acc_dtype
+from ._common import acc_tl, block_d, tile_blocks
 
 
 def _eps_tensor(eps: float, device) -> torch.Tensor:

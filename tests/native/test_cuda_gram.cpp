@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/heads.h"
+#include "checks.h"  // parse_head
 #include "cpu/kernels.h"
 #include "cuda/gram.cu"
 #include "emulation.h"
@@ -62,7 +62,7 @@ std::tuple<Tensor, Tensor> cuda_gram(const Tensor& x, bool with_l1) {
 
 std::tuple<Tensor, Tensor, Tensor> cuda_loss(const Tensor& x, const std::string& head, double p = 0) {
   const int64_t B = x.size(0), n = x.size(1);
-  const auto h = cpu::parse_head(head);
+  const auto h = fastdiv::parse_head(head);
   Tensor loss = at::full({B}, NAN, acc_options(x));
   Tensor a = at::full({B, n, n}, NAN, acc_options(x));
   const int64_t beta_n = h == fastdiv::heads::Head::kSparsity ? n : 0;

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "heads.h"
+#include "head_math.h"
 #include "kernels.h"
 #include "tile.h"
 
@@ -236,29 +236,29 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
 }
 
 template <typename T>
-void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at::Tensor& loss,
+void gram_loss_kernel(const at::Tensor& x, heads::Head head, const heads::Params& prm, at::Tensor& loss,
                       at::Tensor& a, at::Tensor& beta) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
   const auto rows = rows_of<T>(x);
-  const bool with_l1 = head == Head::kSparsity;
+  const bool with_l1 = head == heads::Head::kSparsity;
   A* loss_out = loss.data_ptr<A>();
   A* a_out = a.data_ptr<A>();
   A* beta_out = beta.numel() ? beta.data_ptr<A>() : nullptr;
-  const bool with_resultant = needs_resultant(head);
+  const bool with_resultant = heads::needs_resultant(head);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(head_workspace(n)), inv_r(n), m(kTile);
+    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(heads::workspace(n)), inv_r(n), m(kTile);
     for (int64_t b = begin; b < end; ++b) {
       // Omega_S reads only the row norms and l1 norms; its pullback matrix is diagonal
-      gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr, head == Head::kSparsity);
+      gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr, with_l1);
       double resultant = 0;
       if (with_resultant) {
-        inverse_norms(S.data(), n, prm.eps, inv_r.data());
+        heads::inverse_norms(S.data(), n, prm.eps, inv_r.data());
         resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), 0.0, nullptr);
       }
-      loss_out[b] = static_cast<A>(head_forward(head, S.data(), L1.data(), resultant, n, d, prm, Ab.data(),
-                                                betab.data(), work.data()));
+      loss_out[b] = static_cast<A>(heads::head_forward(head, S.data(), L1.data(), resultant, n, d, prm, Ab.data(),
+                                                       betab.data(), work.data()));
       for (int64_t i = 0; i < n * n; ++i) a_out[b * n * n + i] = static_cast<A>(Ab[i]);
       if (beta_out)
         for (int64_t i = 0; i < n; ++i) beta_out[b * n + i] = static_cast<A>(betab[i]);
@@ -269,20 +269,20 @@ void gram_loss_kernel(const at::Tensor& x, Head head, const HeadParams& prm, at:
 // One read of X from memory per input: the Gram tiles, then the column sums of u from the same
 // n x D slab (still in cache for the paper sizes) for rho, kappa and the l_q-MRL.
 template <typename T>
-void stats_kernel(const at::Tensor& x, double q, const HeadParams& prm, at::Tensor& out) {
+void stats_kernel(const at::Tensor& x, double q, const heads::Params& prm, at::Tensor& out) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
   const auto rows = rows_of<T>(x);
   A* o = out.data_ptr<A>();
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), inv_r(n), stats(5), work(head_workspace(n)), m(kTile);
+    std::vector<double> S(n * n), inv_r(n), stats(5), work(heads::workspace(n)), m(kTile);
     for (int64_t b = begin; b < end; ++b) {
       gram_one(rows, b, n, d, tile.data(), S.data(), nullptr);
-      inverse_norms(S.data(), n, prm.eps, inv_r.data());
+      heads::inverse_norms(S.data(), n, prm.eps, inv_r.data());
       double rho_q = 0;
       const double resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), q, &rho_q);
-      gram_statistics(S.data(), resultant, n, d, prm, stats.data(), work.data());
+      heads::gram_statistics(S.data(), resultant, n, d, prm, stats.data(), work.data());
       const double row[6] = {stats[0], rho_q, stats[1], stats[2], stats[3], stats[4]};
       for (int64_t k = 0; k < 6; ++k) o[b * 6 + k] = static_cast<A>(row[k]);
     }
@@ -309,16 +309,16 @@ at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::op
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
                                                          double eps, double jitter, double p,
                                                          double rho_max) {
-  const Head h = parse_head(head);
-  auto [loss, a, beta] = prepare_gram_loss(x, h == Head::kSparsity, at::kCPU);
-  const HeadParams prm{eps, jitter, p, rho_max};
+  const heads::Head h = parse_head(head);
+  auto [loss, a, beta] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCPU);
+  const heads::Params prm{eps, jitter, p, rho_max};
   FASTDIV_DISPATCH(x, "fastdiv::gram_loss", [&] { gram_loss_kernel<scalar_t>(x, h, prm, loss, a, beta); });
   return {loss, a, beta};
 }
 
 at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {
   at::Tensor out = prepare_concentration_stats(x, q, at::kCPU);
-  const HeadParams prm{eps, jitter, 0.0, rho_max};
+  const heads::Params prm{eps, jitter, 0.0, rho_max};
   FASTDIV_DISPATCH(x, "fastdiv::concentration_stats", [&] { stats_kernel<scalar_t>(x, q, prm, out); });
   return out;
 }

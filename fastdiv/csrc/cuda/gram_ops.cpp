@@ -1,13 +1,12 @@
-// CUDA registrations of the Gram-family ops (schemas in fastdiv/csrc/ops.cpp): the argument checks of the CPU
-// wrappers (fastdiv/csrc/checks.h), output allocation, and the launchers of fastdiv/csrc/cuda/gram.cu on the current
-// stream of x's device. Compiled only in CUDA builds.
+// CUDA registrations of the Gram-family ops (schemas in fastdiv/csrc/ops.cpp): the argument checks and head-name
+// parsing of the CPU wrappers (fastdiv/csrc/checks.h), output allocation, and the launchers of
+// fastdiv/csrc/cuda/gram.cu on the current stream of x's device. Compiled only in CUDA builds.
 #include <torch/library.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include "cpu/heads.h"  // parse_head
 #include "cuda/glue.h"
 #include "cuda/gram.h"
 
@@ -42,7 +41,7 @@ at::Tensor gram_pullback_op(const at::Tensor& x, const at::Tensor& a, const std:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x, const std::string& head, double eps,
                                                          double jitter, double p, double rho_max) {
-  const heads::Head h = cpu::parse_head(head);
+  const heads::Head h = parse_head(head);
   auto [loss, a, beta] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor ws = workspace_for(x);
