@@ -11,10 +11,10 @@
 # Stages (cap in seconds):
 #   env       nvidia-smi, torch / triton / nvcc versions                                     (20)
 #   build     pip install -e . --no-build-isolation --no-deps, sm_90 only, all cores        (300)
-#   launches  tests/test_cuda.py: one launch forward / backward, profiler, info, no copy      (120)
+#   launches  tests/ops/test_gpu_only.py: one launch fwd / bwd, profiler, info, no copy     (120)
 #   bench     benchmarks/test_bench_cuda.py, the default matrix (the GPU targets)            (300)
 #   eot-pgd   benchmarks/test_bench_attacks.py on cuda (EOT-PGD batched vs loop, >= 3x)     (180)
-#   tests     the whole of tests/test_cuda.py, stopping at the first failure                 (remaining)
+#   tests     every GPU case of tests/ops (-m gpu), stopping at the first failure            (remaining)
 #
 # Environment: OUT (default ./gpu-out), PY (default python3), FASTDIV_GPU_DEADLINE (seconds after which no
 # stage starts and the running one is cut, default 570: under a ten-minute limit per call).
@@ -66,7 +66,7 @@ stage_build() {
 }
 
 stage_launches() {
-  "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "launches or profiler or info or no_copy"
+  "$PY" -m pytest tests/ops/test_gpu_only.py -q -x -p no:cacheprovider -k "launches or profiler or info or no_copy"
 }
 
 stage_bench() {
@@ -80,7 +80,7 @@ stage_eot_pgd() {
 }
 
 stage_tests() {
-  "$PY" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
+  "$PY" -m pytest tests/ops -m gpu -q -x -p no:cacheprovider
 }
 
 export OUT PY

@@ -15,7 +15,7 @@ GPU targets, on one H100 / H200. They are read off the results, never asserted:
   >= 5x faster than ``eager`` and >= 1.5x faster than ``compiled`` (ratios of the medians);
 - launches: for n <= 32, one kernel forward and one kernel backward (``launches_fwd_op`` and
   ``launches_bwd_op`` of the fused cases: the op itself, reduction='none' with a given upstream
-  gradient; tests/test_cuda.py asserts them).
+  gradient; tests/ops/test_gpu_only.py asserts them).
 
 Timed call, as in test_bench_losses.py: ``grads.grad = None; loss = f(grads); loss.backward()`` with the
 default ``reduction='mean'`` (concentration_stats: forward only, under no_grad; EOT: one step).

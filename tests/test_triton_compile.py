@@ -1,6 +1,6 @@
 """The Triton kernels compile for an H100/H200 (sm_90), checked without a GPU.
 
-The interpreter (tests/test_triton.py) runs the kernels' Python, which accepts code that Triton's
+The interpreter (the triton cases of tests/ops/) runs the kernels' Python, which accepts code that Triton's
 compiler rejects (type mismatches in loops, unsupported ops on float64, ...). Here every kernel
 specialization that fastdiv launches for a small workload (every loss, every dtype, the fused n <= 32
 and the two-launch n > 32 paths, the rows ops, the EOT step) is recorded under the interpreter, then

@@ -1,6 +1,7 @@
-"""fastdiv.eot_step: the reference against hand-written torchattacks-style steps, the compiled (C++ CPU)
-and Triton (interpreter) kernels against the reference, projection properties, degenerate inputs,
-argument errors and the op's torch.library registration."""
+"""fastdiv.eot_step on every backend: the reference against hand-written torchattacks-style steps, the C++ CPU
+and Triton (interpreter) kernels and, on a GPU, the CUDA and compiled Triton kernels against the reference
+and the CPU kernels; projection properties, per-example alpha/eps, strides and sample_dim, the empty batch,
+zero gradients, NaN, determinism, argument errors and the op's torch.library registration (opcheck)."""
 from __future__ import annotations
 
 import math
@@ -9,17 +10,17 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import fastdiv
 from fastdiv import reference
-from fastdiv._backend import triton_installed
 from fastdiv.eot import eot_step
 
-requires_triton = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not fastdiv.extension_built(), reason="fastdiv._C is not built")),
-    pytest.param("triton", marks=[pytest.mark.triton, requires_triton]),
-]
-ALL_BACKENDS = BACKENDS + ["torch"]
+from ._helpers import ALL_DTYPES, CPU_BACKEND, backends, device_of, gpu_randn, namespace, requires_extension
+from conftest import dtype_id
+
+#: the fused backends on CPU tensors, with the reference for the property tests
+BACKENDS = backends("cpu", "triton:cpu")
+ALL_BACKENDS = backends("cpu", "triton:cpu", "torch")
+#: the tests sized for, or written for, a GPU
+GPU_SIDE = backends("cuda", "triton:gpu")
 DT = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 FEATURES = (3, 29, 31)  # D = 2697: crosses the C++ tile (2048) and the Triton block (1024)
 EPS8 = 8 / 255
@@ -354,21 +355,12 @@ def test_bad_input(case):
 # =====================================================================================================
 
 
-def _namespaces():
-    out = []
-    if fastdiv.extension_built():
-        out.append("fastdiv")
-    if triton_installed():
-        out.append(pytest.param("fastdiv_triton", marks=pytest.mark.triton))
-    return out
-
-
-@pytest.mark.parametrize("ns", _namespaces())
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
-def test_opcheck(ns, dtype):
+def test_opcheck(backend, dtype):
     import fastdiv.ops  # noqa: F401  (registers the fake kernels)
 
-    op = getattr(torch.ops, ns).eot_step.default
+    op = namespace(backend).eot_step.default
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x, x0, g = make(batch=3, n=2, features=(5, 7), dtype=dtype, seed=14)
     xv, x0v, rows = x.flatten(1), x0.flatten(1), g.transpose(0, 1).flatten(2)
@@ -384,11 +376,11 @@ def test_opcheck(ns, dtype):
     assert out.dtype == dtype and out.shape == (3, 35) and m_out.shape == (3, 0) and m_out.dtype == acc
 
 
-@pytest.mark.parametrize("ns", _namespaces())
-def test_op_backward_raises(ns):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_backward_raises(backend):
     import fastdiv.ops  # noqa: F401
 
-    op = getattr(torch.ops, ns).eot_step
+    op = namespace(backend).eot_step
     x, x0, g = make(batch=2, n=2, features=(6,), seed=15)
     xv = x.requires_grad_()
     alpha = torch.full((2,), 0.01, dtype=torch.float64)
@@ -397,9 +389,8 @@ def test_op_backward_raises(ns):
         out.sum().backward()
 
 
+@requires_extension
 def test_op_checks_its_arguments():
-    if not fastdiv.extension_built():
-        pytest.skip("fastdiv._C is not built")
     op = torch.ops.fastdiv.eot_step
     x, x0, g = make(batch=2, n=2, features=(6,), seed=16)
     rows = g.transpose(0, 1)
@@ -414,3 +405,144 @@ def test_op_checks_its_arguments():
         op(x, x0, rows, a, a, "linf", 0.0, 1.0, True, torch.zeros(2, 5, dtype=torch.float64), 1.0)
     with pytest.raises(TypeError, match="x"):
         op(x.float(), x0, rows, a, a, "linf", 0.0, 1.0, True, None, 1.0)
+
+
+# =====================================================================================================
+# on a GPU: the CUDA and compiled Triton kernels against the reference and the CPU kernels
+# =====================================================================================================
+
+
+def _eot_kwargs(norm: str) -> dict:
+    return dict(alpha=1.5 / 255 if norm == "linf" else 0.3, eps=EPS8 if norm == "linf" else 0.5, norm=norm)
+
+
+@pytest.mark.parametrize("with_momentum", [False, True], ids=["plain", "momentum"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_eot_step_matches_reference_and_cpu(backend, dtype, norm, with_momentum):
+    dev = device_of(backend)
+    x, x0, g = make(dtype=dtype, seed=3)
+    kw = _eot_kwargs(norm)
+    if with_momentum:
+        kw.update(momentum=momentum_like(x), decay=0.9)
+    got = eot_step(x.to(dev), x0.to(dev), g.to(dev), backend=backend,
+                   **{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    want = reference.eot_step(x, x0, g, **kw)
+    cpu = eot_step(x, x0, g, backend=CPU_BACKEND, **kw)
+    got, want, cpu = ((r,) if not with_momentum else r for r in (got, want, cpu))
+    assert got[0].device.type == torch.device(dev).type and got[0].dtype == dtype and got[0].shape == x.shape
+    assert torch.isfinite(got[0]).all()
+    assert_out_close(got[0].cpu(), want[0], dtype, f"{backend} {norm} {dtype_id(dtype)} vs reference")
+    assert_out_close(got[0].cpu(), cpu[0], dtype, f"{backend} {norm} {dtype_id(dtype)} vs {CPU_BACKEND}")
+    if with_momentum:
+        m_got, m_want = got[1].cpu(), want[1]
+        assert m_got.dtype == dtype and m_got.shape == x.shape
+        tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(m_got.double(), m_want.double(), rtol=tol, atol=tol * m_want.abs().max().item())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_eot_step_per_example_alpha_eps(backend, norm):
+    dev = device_of(backend)
+    x, x0, g = make(batch=4, seed=4)
+    alpha = torch.tensor([0.0, 0.01, 0.5, 2.0], dtype=torch.float64)
+    eps = torch.tensor([0.05, 0.0, 0.2, 1.0], dtype=torch.float64)
+    xd, x0d, gd = x.to(dev), x0.to(dev), g.to(dev)
+    got = eot_step(xd, x0d, gd, alpha=alpha.to(dev), eps=eps.to(dev), norm=norm, backend=backend).cpu()
+    assert_out_close(got, reference.eot_step(x, x0, g, alpha=alpha, eps=eps, norm=norm), torch.float64)
+    assert_out_close(got, eot_step(x, x0, g, alpha=alpha, eps=eps, norm=norm, backend=CPU_BACKEND), torch.float64)
+    # example 1: eps = 0 returns x0 exactly
+    torch.testing.assert_close(got[1], x0[1], rtol=0, atol=0)
+    for i in range(4):  # the per-example step is the scalar step of each example alone
+        alone = eot_step(xd[i:i + 1], x0d[i:i + 1], gd[:, i:i + 1], alpha=alpha[i].item(), eps=eps[i].item(), norm=norm,
+                         backend=backend)
+        assert_out_close(got[i:i + 1], alone.cpu(), torch.float64, f"example {i}")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_eot_step_sample_dim_and_strides(backend, norm):
+    dev = device_of(backend)
+    x, x0, g = make(batch=3, n=5, features=(2, 7, 9), seed=6)
+    x, x0, g = x.to(dev), x0.to(dev), g.to(dev)
+    kw = dict(alpha=0.05, eps=0.1, norm=norm, backend=backend)
+    base = eot_step(x, x0, g, **kw)
+    want = reference.eot_step(x.cpu(), x0.cpu(), g.cpu(), alpha=0.05, eps=0.1, norm=norm)
+    assert_out_close(base.cpu(), want, torch.float64)
+    big = torch.zeros(10, 6, 2, 7, 9, dtype=torch.float64, device=dev)
+    big[::2, ::2] = g
+    m = momentum_like(x.cpu()).to(dev)
+    for what, got in [
+        ("sample_dim=1 contiguous", eot_step(x, x0, g.transpose(0, 1).contiguous(), sample_dim=1, **kw)),
+        ("sample_dim=1 view", eot_step(x, x0, g.transpose(0, 1), sample_dim=1, **kw)),
+        ("strided n and B", eot_step(x, x0, big[::2, ::2], **kw)),
+        ("misaligned x and x0", eot_step(torch.cat([x.flatten(1)[:, :1], x.flatten(1)], 1)[:, 1:].view_as(x),
+                                         torch.cat([x0.flatten(1)[:, :1], x0.flatten(1)], 1)[:, 1:].view_as(x0),
+                                         g, **kw)),
+    ]:
+        assert_out_close(got.cpu(), base.cpu(), torch.float64, what)
+    got, m_new = eot_step(x, x0, big[::2, ::2], momentum=m, **kw)
+    want, m_want = eot_step(x, x0, g, momentum=m, **kw)
+    assert_out_close(got.cpu(), want.cpu(), torch.float64, "momentum, strided grads")
+    assert_out_close(m_new.cpu(), m_want.cpu(), torch.float64, "momentum buffer, strided grads")
+
+
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_eot_step_empty_nan_and_determinism(backend):
+    dev = device_of(backend)
+    for norm in ("linf", "l2"):
+        x, x0, g = (t.to(dev) for t in make(batch=0, features=(3, 4)))
+        out = eot_step(x, x0, g, alpha=0.1, eps=0.1, norm=norm, backend=backend)
+        assert out.shape == (0, 3, 4) and out.dtype == x.dtype
+        out, m = eot_step(x, x0, g, alpha=0.1, eps=0.1, norm=norm, momentum=torch.zeros_like(x), backend=backend)
+        assert out.shape == (0, 3, 4) and m.shape == (0, 3, 4)
+        for with_momentum in (False, True):  # NaN in one example's gradient stays in that example
+            x, x0, g = make(seed=12)
+            g[2, 1, 0, 3, 4] = math.nan
+            m = momentum_like(x) if with_momentum else None
+            res = eot_step(x.to(dev), x0.to(dev), g.to(dev), alpha=0.02, eps=EPS8, norm=norm,
+                           momentum=None if m is None else m.to(dev), backend=backend)
+            got = (res[0] if with_momentum else res).cpu()
+            assert torch.isnan(got[1]).any() and torch.isfinite(got[[0, 2]]).all()
+            want = reference.eot_step(x, x0, g, alpha=0.02, eps=EPS8, norm=norm, momentum=m)
+            torch.testing.assert_close(got, want[0] if with_momentum else want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        # the attack size: B = 128, n = 10 gradients of 3 x 32 x 32, fp32, twice
+        x0 = torch.rand(128, 3, 32, 32, generator=torch.Generator(device=dev).manual_seed(0), device=dev)
+        x = (x0 + 0.01 * gpu_randn(128, 3, 32, 32, seed=1)).clamp(0, 1)
+        g = gpu_randn(10, 128, 3, 32, 32, seed=2)
+        m = gpu_randn(128, 3, 32, 32, seed=3)
+        runs = [eot_step(x, x0, g, alpha=2 / 255, eps=EPS8, norm=norm, momentum=m, backend=backend) for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), norm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eot_step_mixed_devices_error():
+    x, x0, g = make(seed=1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="x0"):
+        eot_step(x.to("cuda"), x0, g.to("cuda"), alpha=0.01, eps=0.03)
+    with pytest.raises(ValueError, match="alpha"):
+        eot_step(x.to("cuda"), x0.to("cuda"), g.to("cuda"), alpha=torch.full((3,), 0.01), eps=0.03)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_opcheck_on_gpu(backend, dtype):
+    """The op on GPU tensors: not differentiable (its autograd raises), so schema and fake-tensor checks."""
+    import fastdiv.ops  # noqa: F401  (registers the fake kernels)
+
+    dev = device_of(backend)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, x0, g = (v.to(dtype).to(dev) for v in make(batch=3, n=2, features=(5, 7), seed=14))
+    xv, x0v, rows = x.flatten(1), x0.flatten(1), g.transpose(0, 1).flatten(2)
+    alpha = torch.full((3,), 0.01, dtype=acc, device=dev)
+    eps = torch.tensor([0.0, 0.03, 1.0], dtype=acc, device=dev)
+    m = momentum_like(xv).to(acc).to(dev)
+    for norm in ("linf", "l2"):
+        for momentum in (None, m):
+            for clip in (True, False):
+                opcheck(namespace(backend).eot_step.default,
+                        (xv, x0v, rows, alpha, eps, norm, 0.0, 1.0, clip, momentum, 0.9),
+                        test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,238 @@
+"""The row ops on every backend: normalize and normalize_pullback, column_stats and column_stats_pullback (the
+kernels behind normalize, cosine_gram's norms and the variance penalties).
+
+Their semantics against the reference, the autograd of any subset of their outputs (float64 gradcheck),
+torch.library.opcheck, argument errors, and each backend's launchers and ops against the C++ CPU ops
+(strided, empty, degenerate, NaN and Inf inputs). The public ops built on them: test_losses.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fastdiv import reference
+
+from ._helpers import (
+    ACC_TOL,
+    ALL_DTYPES,
+    EPS,
+    OP_SHAPES,
+    OUT_TOL,
+    acc_tol,
+    backends,
+    check,
+    check_raw_ops_match_cpu_kernels,
+    check_raw_ops_strided_input_match_cpu_kernels,
+    check_zero_and_duplicate_rows,
+    device_of,
+    kernels,
+    launcher_results,
+    make_x,
+    namespace,
+    op_inputs,
+    requires_extension,
+)
+from conftest import assert_close64, dtype_id, randn
+
+SEMANTICS = backends("cpu")
+OPCHECK = backends("cpu", "cuda", "triton:gpu")
+#: launchers compared with the C++ CPU ops on the same data: Triton's under the interpreter, as these tests
+#: have always run (their inputs move to device_of(backend), so 'triton' would run them compiled on a GPU too)
+LAUNCHERS = backends("triton:cpu")
+GPU_SIDE = backends("cuda", "triton:gpu")
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+SHAPES = [(2, 1), (3, 7), (5, 100), (17, 1001)]
+
+
+# =====================================================================================================
+# raw semantics
+# =====================================================================================================
+
+
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_normalize_and_column_stats_ops(backend):
+    ops = namespace(backend)
+    x = randn(2, 4, 5, seed=7)
+    assert_close64(ops.normalize(x, EPS), reference.unit_rows(x), "normalize")
+    r, mean, var = ops.column_stats(x, EPS)
+    u = reference.unit_rows(x)
+    assert_close64(r, x.norm(dim=-1), "r")
+    assert_close64(mean, u.mean(dim=1), "mean")
+    assert_close64(var, u.var(dim=1, unbiased=False), "var")
+    g = randn(2, 4, 5, seed=8)
+    leaf = x.clone().requires_grad_()
+    reference.unit_rows(leaf).backward(g)
+    assert_close64(ops.normalize_pullback(x, g, EPS), leaf.grad, "normalize_pullback")
+
+
+@pytest.mark.parametrize("outputs", [(0, 1, 2), (0,), (1,), (2,), (0, 2)],
+                         ids=lambda o: "outputs" + "".join(map(str, o)))
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_column_stats_and_gram_grad_of_any_output_subset(backend, outputs):
+    """The autograd of column_stats (r, mean, var) and gram (S, l1) with only some outputs used: the
+    unused ones reach the backward as None (set_materialize_grads(False))."""
+    ops = namespace(backend)
+    x = randn(2, 3, 5, seed=17).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: tuple(ops.column_stats(t, EPS)[k] for k in outputs), (x,))
+    gram_outputs = tuple(k for k in outputs if k < 2)
+    if gram_outputs:
+        assert torch.autograd.gradcheck(lambda t: tuple(ops.gram(t, True)[k] for k in gram_outputs), (x,))
+
+
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_raw_row_op_errors(backend):
+    ops = namespace(backend)
+    x = randn(2, 3, 4, seed=18).float()
+    for op in (ops.normalize, ops.column_stats):
+        with pytest.raises(ValueError, match=r"\[B, n, D\]"):
+            op(torch.randn(3, 4), EPS)
+    with pytest.raises(ValueError, match="grad must match"):
+        ops.normalize_pullback(x, torch.randn(2, 3, 5), EPS)
+    r, mean, _ = ops.column_stats(x, EPS)
+    with pytest.raises(ValueError, match="grad_var"):
+        ops.column_stats_pullback(x, r, mean, None, None, torch.randn(2, 5), EPS)
+    with pytest.raises(ValueError, match="mean must be"):
+        ops.column_stats_pullback(x, r, torch.randn(3, 4), None, None, None, EPS)
+
+
+# =====================================================================================================
+# opcheck
+# =====================================================================================================
+
+
+def _x(dtype, requires_grad, backend, shape=(3, 4, 5), seed=9):
+    return randn(*shape, seed=seed).to(dtype).to(device_of(backend)).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("backend", OPCHECK)
+def test_opcheck_normalize(backend, dtype):
+    ops = namespace(backend)
+    opcheck(ops.normalize.default, (_x(dtype, True, backend), EPS))
+    opcheck(ops.normalize_pullback.default,
+            (_x(dtype, False, backend), randn(3, 4, 5, seed=12).to(dtype).to(device_of(backend)), EPS))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("backend", OPCHECK)
+def test_opcheck_column_stats(backend, dtype):
+    ops = namespace(backend)
+    dev = device_of(backend)
+    opcheck(ops.column_stats.default, (_x(dtype, True, backend), EPS))
+    x = _x(dtype, False, backend)
+    r, mean, _ = ops.column_stats(x, EPS)
+    g_r, g_m, g_v = (randn(*shape, seed=seed).to(dtype).to(dev) for shape, seed in (((3, 4), 13), ((3, 5), 14),
+                                                                                    ((3, 5), 15)))
+    opcheck(ops.column_stats_pullback.default, (x, r, mean, g_r, g_m, g_v, EPS))
+    opcheck(ops.column_stats_pullback.default, (x, r, mean, None, None, g_v, EPS))
+
+
+# =====================================================================================================
+# a backend's launchers against the C++ CPU ops
+# =====================================================================================================
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n,d", SHAPES + [(33, 100)], ids=str)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_normalize(backend, dtype, n, d):
+    ft, ops, dev = kernels(backend), torch.ops.fastdiv, device_of(backend)
+    x = make_x(2, n, d, dtype, seed=d)
+    g = make_x(2, n, d, dtype, seed=d + 1)
+    check(ft.normalize(x.to(dev), EPS), ops.normalize(x, EPS), OUT_TOL[dtype], "normalize")
+    check(ft.normalize_pullback(x.to(dev), g.to(dev), EPS), ops.normalize_pullback(x, g, EPS), OUT_TOL[dtype],
+          "normalize_pullback")
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("n,d", SHAPES + [(33, 100)], ids=str)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_column_stats(backend, dtype, n, d):
+    ft, ops, dev = kernels(backend), torch.ops.fastdiv, device_of(backend)
+    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    x = make_x(2, n, d, dtype, seed=n * 3 + d)
+    expected = ops.column_stats(x, EPS)
+    check(ft.column_stats(to(x), EPS), expected, acc_tol(dtype), "column_stats")
+    r, mean, _ = expected
+    gen = torch.Generator().manual_seed(2)
+    gr, gm, gv = (torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for t in expected)
+    for grads in ((gr, gm, gv), (None, gm, None), (gr, None, None), (None, None, gv), (None, None, None)):
+        check(ft.column_stats_pullback(to(x), to(r), to(mean), *map(to, grads), EPS),
+              ops.column_stats_pullback(x, r, mean, *grads, EPS),
+              OUT_TOL[dtype], f"column_stats_pullback {[g is not None for g in grads]}")
+
+
+# layouts, empty batches, degenerate rows, NaN, Inf: every row launcher (test_gram.py: the Gram-family ones)
+
+
+@requires_extension
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_strided_input(backend, layout, dtype):
+    x = make_x(3, 5, 37, dtype, seed=11, layout=layout)
+    assert not x.is_contiguous() and x.stride(2) == 1
+    for name, actual, expected in launcher_results("rows", backend, x, op_inputs(x)):
+        check(actual, expected, acc_tol(dtype), f"{layout} {name}")
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_empty_batch(backend, dtype):
+    x = torch.empty(0, 4, 6, dtype=dtype)
+    for name, actual, expected in launcher_results("rows", backend, x, op_inputs(x)):
+        check(actual, expected, acc_tol(dtype), f"B=0 {name}")
+
+
+@requires_extension
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_zero_and_duplicate_rows(backend):
+    """Zero, duplicate, aligned and cancelling rows: finite and equal to the CPU ops."""
+    check_zero_and_duplicate_rows("rows", backend)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_nan_input(backend, dtype):
+    x = make_x(3, 4, 10, dtype, seed=17)
+    x[1, 2, 5] = math.nan
+    for name, actual, expected in launcher_results("rows", backend, x, op_inputs(x)):
+        check(actual, expected, acc_tol(dtype), f"NaN {name}")
+
+
+@requires_extension
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_inf_input(backend):
+    x = make_x(2, 3, 8, torch.float64, seed=19)
+    x[0, 1, 2] = math.inf
+    for name, actual, expected in launcher_results("rows", backend, x, op_inputs(x)):
+        check(actual, expected, ACC_TOL[torch.float64], f"Inf {name}")
+
+
+# =====================================================================================================
+# a GPU backend's op namespace on CUDA tensors against the C++ CPU ops
+# =====================================================================================================
+
+
+@requires_extension
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_raw_ops_match_cpu_kernels(backend, dtype, shape):
+    """Every row op of the backend's namespace on its device against torch.ops.fastdiv on CPU tensors."""
+    check_raw_ops_match_cpu_kernels("rows", backend, dtype, shape)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("backend", GPU_SIDE)
+def test_raw_ops_strided_input_match_cpu_kernels(backend, dtype):
+    """The row ops read strided B and n dims and misaligned rows in place: the same values as the CPU ops."""
+    check_raw_ops_strided_input_match_cpu_kernels("rows", backend, dtype)
