@@ -38,8 +38,8 @@ def load(paths: list[str]) -> tuple[dict, dict, list[dict]]:
         machine.setdefault("_datetime", data.get("datetime"))
         for bench in data.get("benchmarks", []):
             info, stats = bench.get("extra_info", {}), bench.get("stats", {})
-            if "op" not in info or not stats.get("median"):
-                continue  # not one of ours, or timing was disabled
+            if "op" not in info or "traffic_bytes" not in info or not stats.get("median"):
+                continue  # not a kernel row (the EOT-PGD and training benchmarks report their own), or untimed
             median = stats["median"]
             traffic = info["traffic_bytes"]
             copy = info.get("copy_GBps")

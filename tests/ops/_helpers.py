@@ -78,6 +78,20 @@ def backends(*specs: str) -> list:
     return out
 
 
+
+#: the backend groups the raw-op files (test_gram.py, test_rows.py) run their tests over:
+#: the C++ ops' own semantics, on CPU tensors
+SEMANTICS = backends("cpu")
+#: torch.library.opcheck (the GPU backends on GPU tensors)
+OPCHECK = backends("cpu", "cuda", "triton:gpu")
+#: launchers compared with the C++ CPU ops on the same data: Triton's under the interpreter, as these tests
+#: have always run (their inputs move to device_of(backend), so 'triton' would run them compiled on a GPU too)
+LAUNCHERS = backends("triton:cpu")
+#: op namespaces on a GPU compared with the C++ CPU ops
+GPU_SIDE = backends("cuda", "triton:gpu")
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+SHAPES = [(2, 1), (3, 7), (5, 100), (17, 1001)]
+
 def device_of(backend: str) -> str:
     """Where the backend's tensors live: 'cuda' for the CUDA kernels and the compiled Triton kernels."""
     if backend == "cuda" or (backend == "triton" and not triton_interpreted()):

@@ -19,15 +19,20 @@ from fastdiv import reference
 from ._helpers import (
     ACC_TOL,
     ALL_DTYPES,
+    DTYPES,
     EPS,
+    GPU_SIDE,
     HEADS,
     JITTER,
+    LAUNCHERS,
     OP_SHAPES,
+    OPCHECK,
     OUT_TOL,
     RHO_MAX,
+    SEMANTICS,
+    SHAPES,
     acc_of,
     acc_tol,
-    backends,
     check,
     check_raw_ops_match_cpu_kernels,
     check_raw_ops_strided_input_match_cpu_kernels,
@@ -41,19 +46,6 @@ from ._helpers import (
     requires_extension,
 )
 from conftest import STAT_FIELDS, assert_close64, dtype_id, randn
-
-#: the C++ ops' own semantics, on CPU tensors
-SEMANTICS = backends("cpu")
-#: torch.library.opcheck (the GPU backends on GPU tensors)
-OPCHECK = backends("cpu", "cuda", "triton:gpu")
-#: launchers compared with the C++ CPU ops on the same data: Triton's under the interpreter, as these tests
-#: have always run (their inputs move to device_of(backend), so 'triton' would run them compiled on a GPU too)
-LAUNCHERS = backends("triton:cpu")
-#: op namespaces on a GPU compared with the C++ CPU ops
-GPU_SIDE = backends("cuda", "triton:gpu")
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-SHAPES = [(2, 1), (3, 7), (5, 100), (17, 1001)]
-
 
 # =====================================================================================================
 # raw semantics

@@ -18,11 +18,16 @@ from fastdiv import reference
 from ._helpers import (
     ACC_TOL,
     ALL_DTYPES,
+    DTYPES,
     EPS,
+    GPU_SIDE,
+    LAUNCHERS,
     OP_SHAPES,
+    OPCHECK,
     OUT_TOL,
+    SEMANTICS,
+    SHAPES,
     acc_tol,
-    backends,
     check,
     check_raw_ops_match_cpu_kernels,
     check_raw_ops_strided_input_match_cpu_kernels,
@@ -36,16 +41,6 @@ from ._helpers import (
     requires_extension,
 )
 from conftest import assert_close64, dtype_id, randn
-
-SEMANTICS = backends("cpu")
-OPCHECK = backends("cpu", "cuda", "triton:gpu")
-#: launchers compared with the C++ CPU ops on the same data: Triton's under the interpreter, as these tests
-#: have always run (their inputs move to device_of(backend), so 'triton' would run them compiled on a GPU too)
-LAUNCHERS = backends("triton:cpu")
-GPU_SIDE = backends("cuda", "triton:gpu")
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-SHAPES = [(2, 1), (3, 7), (5, 100), (17, 1001)]
-
 
 # =====================================================================================================
 # raw semantics
