@@ -26,17 +26,20 @@ def _check_number(value, name: str, fn: str, *, minimum: float = 0.0) -> float:
 
 
 def _per_example(value, name: str, batch: int, x: torch.Tensor, acc: torch.dtype, fn: str) -> torch.Tensor:
-    """alpha / eps as a [B] tensor of the accumulation dtype (a number, or a [] or [B] tensor >= 0)."""
+    """alpha / eps as a [B] tensor of the accumulation dtype: a number, or a tensor >= 0 that broadcasts per
+    example against x ([], [B], or [B, 1, ..., 1] as torchattacks users write it)."""
     if not isinstance(value, torch.Tensor):
         return torch.full((batch,), _check_number(value, name, fn), dtype=acc, device=x.device)
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{fn}: {name} must be a real tensor, got {value.dtype}")
     if value.device != x.device:
         raise ValueError(f"{fn}: {name} is on {value.device} but x is on {x.device}")
-    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
-        raise ValueError(f"{fn}: {name} must be a number or a per-example tensor of shape [{batch}] (or []), "
-                         f"got shape {tuple(value.shape)}")
-    value = value.detach().to(acc)
+    per_example = value.dim() <= x.dim() and all(s == 1 for s in value.shape[1:]) and (
+        value.dim() == 0 or value.shape[0] in (1, batch))
+    if not per_example:
+        raise ValueError(f"{fn}: {name} must be a number or a per-example tensor of shape [{batch}] (or [], or "
+                         f"[{batch}, 1, ..., 1]), got shape {tuple(value.shape)}")
+    value = value.detach().to(acc).reshape(-1)
     if value.numel() and not bool(((value >= 0) & (value < math.inf)).all()):
         raise ValueError(f"{fn}: {name} must be finite and >= 0 for every example, got {value.tolist()}")
     return value.expand(batch).contiguous()
@@ -61,11 +64,13 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
             the default: what a sample-batched backward returns)
             or ``[B, n, *features]`` (``sample_dim=1``); n >= 1. Any strides on the n and B dims; no copy
             when the flattened features have unit stride.
-        alpha: step size, a number or a per-example tensor ``[B]``; >= 0 (0 is a pure projection).
-        eps: radius of the ball around ``x0``, a number or a per-example tensor ``[B]``; >= 0.
+        alpha: step size, a number or a per-example tensor ``[B]`` (or ``[B, 1, ..., 1]``); >= 0 (0 is a
+            pure projection).
+        eps: radius of the ball around ``x0``, a number or a per-example tensor as ``alpha``; >= 0.
         norm: ``'linf'`` (direction ``sign(g)``, projection clamps each element to ``[-eps, eps]``) or
             ``'l2'`` (direction ``g / ||g||_2``, 0 for a zero gradient; projection scales the offset by
-            ``min(1, eps / ||x + alpha d - x0||_2)``). Norms are per example, over all features.
+            ``min(1, eps / ||x + alpha d - x0||_2)``). Norms are per example, over all features. Any case is
+            accepted (``'Linf'`` and ``'L2'``, as torchattacks and AutoAttack write them).
         clip: ``(lo, hi)`` box of valid inputs (default ``(0, 1)``, images), or None for no clamp.
         momentum: MI-FGSM buffer ``[B, *features]`` (zeros at the first step). Then
             ``m_new = decay * m + g / ||g||_1`` (0 where ``||g||_1 = 0``) and the direction is taken
@@ -102,8 +107,9 @@ def eot_step(x: torch.Tensor, x0: torch.Tensor, grads: torch.Tensor, *, alpha, e
     for name, t in (("x0", x0), ("grads", grads), ("momentum", momentum)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
-    if not isinstance(norm, str) or norm not in EOT_NORMS:
-        raise ValueError(f"{fn}: norm must be one of {EOT_NORMS}, got {norm!r}")
+    if not isinstance(norm, str) or norm.lower() not in EOT_NORMS:
+        raise ValueError(f"{fn}: norm must be one of {EOT_NORMS} (any case, e.g. 'Linf'), got {norm!r}")
+    norm = norm.lower()
     if clip is not None:
         if (not isinstance(clip, (tuple, list)) or len(clip) != 2
                 or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)):

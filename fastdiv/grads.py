@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from ._checks import check_model_and_batch
-from .nn.sampling import is_stochastic, sampling, supports_batched
+from .nn.randomness import Randomness, detect_randomness, one_sample
+from .nn.sampling import sampling, supports_batched
 
-__all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "resolve_strategy", "sample_input_grads"]
+__all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "resolve_strategy",
+           "sample_input_grads", "sample_logits"]
 
 STRATEGIES = ("auto", "batched", "loop")
 LOSSES = ("ce", "logit", "cw")
@@ -81,10 +83,10 @@ def _check_inputs(model, x, y, num_samples, create_graph, strategy) -> None:
         raise TypeError(f"{fn}: create_graph must be a bool, got {type(create_graph).__name__}")
 
 
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
+def _logits(model, x: torch.Tensor, fn: str = "sample_input_grads") -> torch.Tensor:
     out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"sample_input_grads: the model must return logits [N, C] for an input batch of "
+        raise ValueError(f"{fn}: the model must return logits [N, C] for an input batch of "
                          f"{x.shape[0]}, got {getattr(out, 'shape', type(out).__name__)}")
     return out
 
@@ -107,20 +109,49 @@ def _grads_of(model, x, y, loss, create_graph, check_labels=True):
     return grad, logits
 
 
-def resolve_strategy(model: nn.Module, x: torch.Tensor, strategy: str, fn: str = "sample_input_grads") -> str:
+def resolve_strategy(model: nn.Module, x: torch.Tensor, strategy: str, fn: str = "sample_input_grads",
+                     randomness: Randomness | None = None) -> str:
     """'batched' or 'loop' for evaluating n sample models of ``model`` at ``x``.
 
     'auto' is 'batched' for tensors on a GPU when :func:`fastdiv.nn.supports_batched` allows it, else
     'loop': measured (benchmarks/RESULTS.md), on CPU the n-times replicated batch falls out of cache
-    and loses to the loop (1.7-2.2x slower single-threaded); on GPUs the one large pass wins.
+    and loses to the loop (1.7-2.2x slower single-threaded); on GPUs the one large pass wins. A model
+    whose ``randomness`` includes draws from the global RNG is always looped: 'batched' is an error.
     """
+    global_rng = randomness is not None and randomness.global_rng
     if strategy == "auto":
-        return "batched" if supports_batched(model) and x.device.type != "cpu" else "loop"
+        return "batched" if not global_rng and supports_batched(model) and x.device.type != "cpu" else "loop"
     if strategy == "batched" and not supports_batched(model):
         raise ValueError(f"{fn}: strategy='batched' needs a model whose randomness comes from "
                          "fastdiv.nn layers (torch dropout in train mode or a layer without sample batching "
                          "found); use strategy='loop' or 'auto'")
+    if strategy == "batched" and global_rng:
+        raise ValueError(f"{fn}: strategy='batched' needs a model whose randomness comes from fastdiv.nn layers, "
+                         f"but this one draws from the global RNG ({randomness.reason}); in a replicated batch "
+                         "a draw made once per forward (e.g. the weights of a Bayesian layer) would be shared "
+                         "by all n replicas. Use strategy='loop' or 'auto'")
     return strategy
+
+
+def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, *, seed: int, strategy: str = "auto",
+                  stochastic: bool | Randomness | None = None, fn: str = "sample_logits") -> torch.Tensor:
+    """Logits ``[n, B, C]`` of ``num_samples`` sample models drawn from ``seed``, without gradient: one
+    forward over the replicated batch or n forwards (``strategy`` as in :func:`sample_input_grads`); a
+    deterministic model is evaluated once and its logits expanded."""
+    randomness = detect_randomness(model, x, stochastic=stochastic)
+    n, batch = num_samples, x.shape[0]
+    with torch.no_grad():
+        if not randomness:
+            return _logits(model, x, fn).unsqueeze(0).expand(n, -1, -1)
+        if resolve_strategy(model, x, strategy, fn, randomness) == "batched":
+            with sampling(model, n, seed):
+                out = _logits(model, x.repeat(n, *([1] * (x.dim() - 1))), fn)
+            return out.view(n, batch, -1)
+        parts = []
+        for s in range(n):
+            with one_sample(model, n, seed, s, randomness, x.device):
+                parts.append(_logits(model, x, fn))
+        return torch.stack(parts)
 
 
 def sample_input_grads(
@@ -133,6 +164,7 @@ def sample_input_grads(
     create_graph: bool = False,
     strategy: str = "auto",
     generator: torch.Generator | int | None = None,
+    stochastic: bool | Randomness | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input gradients of ``num_samples`` sample models of ``model`` at ``(x, y)``.
 
@@ -149,10 +181,17 @@ def sample_input_grads(
         :func:`fastdiv.nn.supports_batched` says the model supports it, else 'loop' (on CPU the
         loop is faster: the replicated batch falls out of cache). With the same
         ``generator`` seed, 'batched' and 'loop' return the same gradients (up to float rounding).
-        A model without any randomness is evaluated once and its gradient expanded to n samples.
+        A model without any randomness is evaluated once and its gradient expanded to n samples. A
+        model that draws from the global RNG (torch dropout in train mode, another library's Bayesian
+        layers, ``torch.randn`` in its ``forward``) is always looped, with the global RNG seeded per
+        sample from ``generator`` and restored afterwards; 'batched' is then an error.
     create_graph: keep the graph so that a penalty on the gradients can be back-propagated to the
         model's parameters (double backward, for training); ``logits`` then carry the graph too.
     generator: a ``torch.Generator`` or an int seed for the sample draws (default: the global RNG).
+    stochastic: ``None`` (default) detects the model's randomness with
+        :func:`fastdiv.nn.detect_randomness` (its layers, then a two-forward probe of a few examples);
+        ``True`` / ``False`` declares it (``False``: one gradient for all n; ``True`` on a model with
+        fastdiv layers still probes whether it also draws from the global RNG, which decides the strategy).
 
     BatchNorm layers in train mode see each sample's rows separately in the batched pass and update
     their running statistics as n sequential forwards would.
@@ -160,14 +199,15 @@ def sample_input_grads(
     _check_inputs(model, x, y, num_samples, create_graph, strategy)
     y = y.long()
     n, batch = num_samples, x.shape[0]
-    strategy = resolve_strategy(model, x, strategy)
+    randomness = detect_randomness(model, x, stochastic=stochastic)
+    strategy = resolve_strategy(model, x, strategy, randomness=randomness)
     seed = resolve_seed(generator)
     if batch == 0:
         with torch.no_grad(), sampling(model, 1, seed, index=0):
             classes = _logits(model, x).shape[1]
         return x.new_zeros((n, *x.shape)), x.new_zeros((n, 0, classes))
 
-    if not is_stochastic(model):
+    if not randomness:
         grad, logits = _grads_of(model, x, y, loss, create_graph)
         grads, logits = grad.unsqueeze(0).expand(n, *grad.shape), logits.unsqueeze(0).expand(n, *logits.shape)
     elif strategy == "batched":
@@ -177,7 +217,7 @@ def sample_input_grads(
     else:
         pairs = []
         for s in range(n):
-            with sampling(model, n, seed, index=s):
+            with one_sample(model, n, seed, s, randomness, x.device):
                 pairs.append(_grads_of(model, x, y, loss, create_graph, check_labels=s == 0))
         grads = torch.stack([g for g, _ in pairs])
         logits = torch.stack([z for _, z in pairs])

@@ -102,7 +102,7 @@ def _write_atomically(path: Path, mode: str, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode) as fh:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -124,8 +124,13 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Writes ``text`` to ``path``, atomically (see :func:`_write_atomically`)."""
+    """Writes ``text`` to ``path`` in UTF-8, atomically (see :func:`_write_atomically`)."""
     _write_atomically(path, "w", lambda fh: fh.write(text))
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Writes ``data`` to ``path``, atomically (see :func:`_write_atomically`)."""
+    _write_atomically(path, "wb", lambda fh: fh.write(data))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

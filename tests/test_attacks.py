@@ -208,7 +208,7 @@ def test_model_mode(model_mode, start, expect):
     assert all(m.training == start for m in model.modules())
 
 
-def test_mc_dropout_needs_train_mode_and_cannot_be_fixed():
+def test_mc_dropout_in_train_mode_fixed_and_fresh_masks():
     mlp = trained_mlp()
     model = nn.Sequential(mlp[0], mlp[1], mlp[2], nn.Dropout(0.3), mlp[3]).eval()
     x, y = test_batch(8)
@@ -218,8 +218,10 @@ def test_mc_dropout_needs_train_mode_and_cannot_be_fixed():
     # train: fresh dropout masks (the loop strategy), and the mode comes back
     b = PGD(model, eps=0.1, steps=3, eot="mean", eot_samples=4, seed=0, model_mode="train")(x, y)
     assert (a - b).abs().max() > 0 and not model.training
-    with pytest.raises(ValueError, match="eot='fixed' cannot pin"):
-        PGD(model, eps=0.1, steps=3, eot="fixed", model_mode="train")(x, y)
+    # [Attack] pins one mask for the whole call (the global RNG re-seeded from the call's seed)
+    fixed = PGD(model, eps=0.1, steps=3, eot="fixed", seed=0, model_mode="train")(x, y)
+    assert torch.equal(fixed, PGD(model, eps=0.1, steps=3, eot="fixed", seed=0, model_mode="train")(x, y))
+    assert not torch.equal(fixed, b)
     with pytest.raises(ValueError, match="strategy='loop'"):
         PGD(model, eps=0.1, steps=3, strategy="batched", model_mode="train")(x, y)
 
@@ -497,8 +499,12 @@ def test_square_schedule_and_budget():
 
     model = Counting(trained_mlp())
     x, y = test_batch(10)
-    x_adv = Square(model, eps=0.05, n_queries=30, seed=0)(x, y)
+    x_adv = Square(model, eps=0.05, n_queries=30, seed=0, stochastic=False)(x, y)
     assert model.rows <= 30 * 10  # at most n_queries evaluations per example
+    # undeclared, the randomness probe adds its two forwards of PROBE_EXAMPLES examples, nothing else
+    probed = Counting(model.inner)
+    assert torch.equal(Square(probed, eps=0.05, n_queries=30, seed=0)(x, y), x_adv)
+    assert probed.rows == model.rows + 2 * fastdiv.nn.PROBE_EXAMPLES
     with torch.no_grad():
         z0, z = model.inner(x), model.inner(x_adv)
     margin = lambda z: z.gather(1, y[:, None]).squeeze(1) - z.masked_fill(

@@ -367,7 +367,8 @@ FLAG_SAMPLES = {"attacks": ("fgsm,PGD", ["fgsm", "pgd"]), "eps": ("0.1,8/255", [
                 "forms": ("one", ["one"]), "curve_eps": ("0.05", [0.05]), "transfer_attacks": ("bim", ["bim"]),
                 "gaas_k": ("16", [16]), "curve_attack": ("fgsm", "fgsm"), "transfer_attack": ("fgsm", "fgsm"),
                 "limit": ("7", 7), "grad_examples": ("7", 7), "alpha_factor": ("0.5", 0.5),
-                "min_margin": ("0.05", 0.05)}
+                "min_margin": ("0.05", 0.05), "stochastic": ("no", False), "model_mode": ("mc-dropout", "mc-dropout"),
+                "norm": ("Linf", "linf")}
 
 
 def test_every_config_field_is_a_flag():

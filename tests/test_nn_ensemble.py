@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdiv
+from fastdiv._seeds import mix_seed
 from fastdiv.nn import Ensemble, Population, frozen_sample, predict, sample_models, sampling, supports_batched
 
 
@@ -215,10 +216,15 @@ def test_predict_torch_dropout_averages_forwards(data):
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).double()
     net.train()
     torch.manual_seed(0)
-    probs = predict(net, x, num_samples=4, seed=5)  # an int seed draws nothing from the global RNG
-    torch.manual_seed(0)
-    ref = sum(net(x).softmax(-1) for _ in range(4)).detach() / 4
-    torch.testing.assert_close(probs, ref)
+    probs = predict(net, x, num_samples=4, seed=5)
+    # the global RNG is seeded per sample from the seed and restored: nothing drawn from it here
+    assert torch.equal(torch.random.get_rng_state(), torch.manual_seed(0).get_state())
+    ref = 0
+    for s in range(4):
+        torch.manual_seed(mix_seed(5, s))
+        ref = ref + net(x).softmax(-1).detach()
+    torch.testing.assert_close(probs, ref / 4)
+    assert not torch.allclose(probs, predict(net, x, num_samples=4, seed=6))  # 4 real, distinct draws
 
 
 def test_state_dict_round_trip(ens, data):

@@ -255,6 +255,27 @@ def test_checkpoints_load_with_weights_only(kappa_run):
         load_run(kappa_run / "nope")
 
 
+def test_best_weights_also_as_safetensors(kappa_run):
+    """best.safetensors: the weights of best.pt without pickles, the run's config as metadata; loadable into
+    the model fastdiv evaluate --model would build."""
+    from safetensors import safe_open
+
+    best = torch.load(kappa_run / "best.pt", weights_only=True)
+    with safe_open(str(kappa_run / "best.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    assert set(tensors) == set(best["model"])
+    for k, v in best["model"].items():
+        assert torch.equal(tensors[k], v), k
+    assert int(meta["epoch"]) == best["epoch"] and float(meta["val_acc"]) == pytest.approx(best["val_acc"])
+    config = json.loads(meta["config"])
+    assert config == json.loads((kappa_run / "config.json").read_text())
+    model, _ = load_run(kappa_run)
+    from fastdiv.evaluate.inputs import load_weights
+
+    load_weights(model, kappa_run / "best.safetensors")
+
+
 def test_refuses_to_overwrite_and_to_change_a_resumed_run(kappa_run, capsys):
     with pytest.raises(FileExistsError, match="--resume"):
         train({"preset": "graddiv-kappa", "base": "rse", **TINY, "out": str(kappa_run)}, quiet=True)

@@ -18,10 +18,13 @@ BLACK_BOX_ATTACKS = ("square",)
 @torch.no_grad()
 def random_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, samples: int,
                   pred_samples: int, seed: int, clip: tuple[float, float] = (0.0, 1.0),
-                  batch_size: int = 64) -> torch.Tensor:
-    """Brute-force random search in the ℓ∞ ball (GradDiv §5, check 4): ``samples`` random vertices
-    ``x + ε·s`` (``s`` uniform in {−1, +1}^D) per example. Returns ``[B]`` bool: some sample is
-    misclassified (ensemble prediction, ``pred_samples`` sample models)."""
+                  batch_size: int = 64, norm: str = "linf") -> torch.Tensor:
+    """Brute-force random search on the boundary of the ε-ball (GradDiv §5, check 4): ``samples`` random
+    points per example, ℓ∞: the vertices ``x + ε·s`` (``s`` uniform in {−1, +1}^D); ℓ2: ``x + ε·z/‖z‖₂``
+    (``z ~ N(0, I)``, uniform on the sphere). Returns ``[B]`` bool: some sample is misclassified
+    (ensemble prediction, ``pred_samples`` sample models)."""
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"random_search: norm must be 'linf' or 'l2', got {norm!r}")
     found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     if x.shape[0] == 0 or samples == 0:
         return found
@@ -33,8 +36,13 @@ def random_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         xb, yb = x[sl], y[sl]
         for start in range(0, samples, per):
             m = min(per, samples - start)
-            signs = torch.randint(0, 2, (m, *xb.shape), generator=gen, device=x.device).to(xb.dtype) * 2 - 1
-            xa = (xb[None] + eps * signs).clamp(*clip).view(m * xb.shape[0], *xb.shape[1:])
+            if norm == "linf":
+                step = torch.randint(0, 2, (m, *xb.shape), generator=gen, device=x.device).to(xb.dtype) * 2 - 1
+            else:
+                z = torch.randn((m, *xb.shape), generator=gen, device=x.device, dtype=xb.dtype)
+                step = z / z.flatten(2).norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny).view(
+                    m, xb.shape[0], *([1] * (xb.dim() - 1)))
+            xa = (xb[None] + eps * step).clamp(*clip).view(m * xb.shape[0], *xb.shape[1:])
             ok, _ = predict_correct(model, xa, yb.repeat(m), pred_samples, pred_seed)
             found[sl] |= (~ok).view(m, xb.shape[0]).any(0)
     return found

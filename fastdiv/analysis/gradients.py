@@ -199,7 +199,7 @@ def regular_hadamard(k: int) -> torch.Tensor:
 
 
 def _eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
-    grads, _ = sample_input_grads(model, x, y, num_samples if is_stochastic(model) else 1, generator=seed)
+    grads, _ = sample_input_grads(model, x, y, num_samples if is_stochastic(model, x) else 1, generator=seed)
     return grads.detach().mean(0)
 
 

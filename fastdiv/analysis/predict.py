@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .._seeds import mix_seed
-from ..nn.sampling import is_stochastic, sampling, supports_batched
+from ..nn.randomness import Randomness, detect_randomness, one_sample
+from ..nn.sampling import sampling, supports_batched
 
 #: Upper bound on the rows of one replicated forward (``num_samples * batch``), to bound memory.
 MAX_ROWS = 8192
@@ -35,13 +36,16 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
-def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
+def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, seed: int, *,
+                  stochastic: bool | Randomness | None = None) -> torch.Tensor:
     """Logits of ``num_samples`` sample models drawn from ``seed``: ``[S, B, C]`` (``S = 1`` for a
     model without randomness; for a :class:`fastdiv.nn.Ensemble` its members, each once).
     Uses one replicated forward per chunk when the model supports sample
-    batching, else one forward per sample. Weight-noise draws depend on ``seed`` only, so the same
-    seed gives the same sample models for every batch."""
-    if not is_stochastic(model):
+    batching, else one forward per sample (with the global RNG seeded per sample when the model draws
+    from it). Weight-noise draws depend on ``seed`` only, so the same seed gives the same sample models
+    for every batch. ``stochastic``: see :func:`fastdiv.nn.detect_randomness`."""
+    randomness = detect_randomness(model, x, stochastic=stochastic)
+    if not randomness:
         return model(x).unsqueeze(0)
     from ..nn.ensemble import Ensemble
 
@@ -52,7 +56,7 @@ def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, seed: int
             classes = model(x[:1].new_zeros((1, *x.shape[1:]))).shape[1] if x.dim() > 1 else 0
         return x.new_zeros((num_samples, 0, classes))
     pieces = []
-    if supports_batched(model):
+    if supports_batched(model) and not randomness.global_rng:
         step = max(1, MAX_ROWS // num_samples)
         for sl in _chunks(x.shape[0], step):
             xb = x[sl]
@@ -61,13 +65,14 @@ def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, seed: int
             pieces.append(out.view(num_samples, xb.shape[0], -1))
         return torch.cat(pieces, dim=1)
     for s in range(num_samples):
-        with sampling(model, num_samples, seed, index=s):
+        with one_sample(model, num_samples, seed, s, randomness, x.device):
             pieces.append(model(x))
     return torch.stack(pieces)
 
 
 def predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int, seed: int,
-                    *, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                    *, batch_size: int = 512, stochastic: bool | Randomness | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ensemble_correct [B], worst_case_correct [B])`` (bool, on ``x.device``).
 
     ensemble: argmax of the mean softmax of ``num_samples`` sample models (GradDiv's inference);
@@ -76,7 +81,7 @@ def predict_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samp
     """
     ens, worst = [], []
     for sl in _chunks(x.shape[0], batch_size):
-        logits = sample_logits(model, x[sl], num_samples, seed)
+        logits = sample_logits(model, x[sl], num_samples, seed, stochastic=stochastic)
         yb = y[sl]
         probs = logits.float().softmax(-1).mean(0)
         ens.append(probs.argmax(-1) == yb)

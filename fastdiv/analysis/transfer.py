@@ -7,36 +7,63 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..nn.randomness import Randomness, seeded_global_rng
 from ..nn.sampling import frozen_sample
 from .predict import derive_seed
 
 
 @contextlib.contextmanager
-def _pinned(model: nn.Module, members: list[nn.Module] | None, index: int, seed: int):
-    """The ``index``-th sample model: a member, or ``model`` pinned to one weight draw."""
+def _reseeded_before_every_forward(model: nn.Module, seed: int, device: torch.device):
+    """The global RNG seeded with ``seed`` before each forward of ``model``, restored after the block."""
+    def reseed(module, args):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+
+    with seeded_global_rng(seed, device):
+        handle = model.register_forward_pre_hook(reseed)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _pinned(model: nn.Module, members: list[nn.Module] | None, index: int, seed: int,
+            randomness: Randomness | None = None, device: torch.device | None = None):
+    """The ``index``-th sample model: a member, or ``model`` pinned to one weight draw. A model that draws
+    from the global RNG is pinned by re-seeding it before every forward: draws made once per forward
+    (another library's Bayesian weights) are then the same in every forward, per-element ones (dropout
+    masks, input noise) the same for every batch of one size."""
     if members is not None:
         yield members[index]
-    else:
-        with frozen_sample(model, seed=derive_seed(seed, 3, index)):
-            yield model
+        return
+    pin_seed = derive_seed(seed, 3, index)
+    with frozen_sample(model, seed=pin_seed), (
+            _reseeded_before_every_forward(model, pin_seed, device) if randomness is not None and randomness.global_rng
+            else contextlib.nullcontext()):
+        yield model
 
 
 def transfer_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, make_attack: Callable[[nn.Module], Callable],
-                     *, k: int, seed: int, members: list[nn.Module] | None = None) -> torch.Tensor:
+                     *, k: int, seed: int, members: list[nn.Module] | None = None,
+                     randomness: Randomness | None = None) -> torch.Tensor:
     """Transferability among ``k`` sample models (GradDiv Fig. 7): adversarial examples crafted on
     source i (a member, or ``model`` pinned with :func:`fastdiv.nn.frozen_sample`), classified by
     target j. Returns ``[k, k, B]`` bool (``[source, target, example]`` correct); the diagonal is
-    the white-box accuracy of each sample model."""
+    the white-box accuracy of each sample model. ``randomness`` (of ``model``, see
+    :func:`fastdiv.nn.detect_randomness`) says whether its samples must also pin the global RNG."""
     if members is not None:
         k = len(members)
     out = torch.zeros(k, k, x.shape[0], dtype=torch.bool, device=x.device)
     if x.shape[0] == 0:
         return out
     for i in range(k):
-        with _pinned(model, members, i, seed) as src:
+        with _pinned(model, members, i, seed, randomness, x.device) as src:
             x_adv = make_attack(src)(x, y).detach()
         for j in range(k):
-            with _pinned(model, members, j, seed) as tgt, torch.no_grad():
+            with _pinned(model, members, j, seed, randomness, x.device) as tgt, torch.no_grad():
                 out[i, j] = tgt(x_adv).argmax(-1) == y
     return out
 

@@ -21,20 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..grads import (
-    STRATEGIES,
-    per_example_loss,
-    resolve_seed,
-    resolve_strategy,
-    sample_input_grads,
-)
-from ..nn.sampling import has_unseeded_randomness, is_stochastic, sampling
+from ..grads import STRATEGIES, per_example_loss, resolve_seed, sample_input_grads, sample_logits
+from ..nn.randomness import MODEL_MODES, Randomness, detect_randomness, model_mode
 
 __all__ = ["EOT_MODES", "MODEL_MODES", "NORMS", "Attack", "cw_loss", "dlr_loss", "ensemble_margin"]
 
 EOT_MODES = ("mean", "one", "fixed")
 NORMS = ("linf", "l2")
-MODEL_MODES = ("eval", "train", "keep")
 
 #: how far outside [0, 1] an input may lie (float rounding of a normalization) before it is rejected
 RANGE_TOLERANCE = 1e-6
@@ -129,11 +122,13 @@ class _Rng:
 
 
 class _Call:
-    """Per-call state handed to :meth:`Attack._attack`: the RNG and the seed of the fixed sample."""
+    """Per-call state handed to :meth:`Attack._attack`: the RNG, the seed of the fixed sample and the
+    model's randomness (resolved once per call)."""
 
-    def __init__(self, rng: _Rng, fixed_seed: int) -> None:
+    def __init__(self, rng: _Rng, fixed_seed: int, randomness: Randomness) -> None:
         self.rng = rng
         self.fixed_seed = fixed_seed
+        self.randomness = randomness
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +195,18 @@ class Attack:
             GPU where the model supports it, the loop on the CPU, where it is faster). Both give the
             same result for the same seed.
         model_mode: 'eval' (default, as torchattacks: the model is put in eval mode during the
-            attack), 'train' (train mode, e.g. for MC dropout whose randomness only acts in training;
-            BatchNorm then uses and updates batch statistics), or 'keep' (leave the mode alone).
-            The mode of every submodule is restored afterwards.
+            attack), 'mc-dropout' (eval mode with the dropout layers left active: Monte Carlo dropout,
+            BatchNorm on its running statistics), 'train' (train mode; BatchNorm then uses and updates
+            batch statistics), or 'keep' (leave the mode alone). The mode of every submodule is
+            restored afterwards (:func:`fastdiv.nn.model_mode`).
+        stochastic: ``None`` (default) detects whether the model is stochastic in that mode, once per
+            call (:func:`fastdiv.nn.detect_randomness`: its layers, then two forwards of a few examples
+            that must agree); ``True`` / ``False`` declares it. A model that draws from the global RNG
+            (torch dropout, other libraries' Bayesian layers, ``torch.randn`` in ``forward``) gets
+            real independent forwards per sample, with the global RNG seeded from ``seed``; for
+            ``eot='fixed'`` it is re-seeded with the fixed sample's seed before every forward, which pins
+            draws made once per forward (another library's Bayesian weights) exactly and per-element
+            draws (dropout masks, input noise) for each batch size.
 
     Call: ``images`` ``[B, *input_shape]`` floating point in [0, 1] (NCHW for images), ``labels``
     ``[B]`` integers in ``[0, C)``. Returns the adversarial batch (same shape and dtype, on
@@ -217,13 +221,14 @@ class Attack:
 
     def __init__(self, model: nn.Module, eps: float, *, norm: str = "linf", eot: str = "mean",
                  eot_samples: int = 10, seed: int | None = None, strategy: str = "auto",
-                 model_mode: str = "eval") -> None:
+                 model_mode: str = "eval", stochastic: bool | None = None) -> None:
         fn = self.name
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.eps = _check_number(eps, "eps", fn)
-        self.norm = _check_choice(norm, "norm", fn, self.norms)
+        # torchattacks and AutoAttack spell the norms 'Linf' / 'L2'
+        self.norm = _check_choice(norm.lower() if isinstance(norm, str) else norm, "norm", fn, self.norms)
         self.eot = _check_choice(eot, "eot", fn, EOT_MODES)
         self.eot_samples = _check_int(eot_samples, "eot_samples", fn)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -231,6 +236,9 @@ class Attack:
         self.seed = seed
         self.strategy = _check_choice(strategy, "strategy", fn, STRATEGIES)
         self.model_mode = _check_choice(model_mode, "model_mode", fn, MODEL_MODES)
+        if stochastic is not None and not isinstance(stochastic, bool):
+            raise TypeError(f"{fn}: stochastic must be True, False or None, got {type(stochastic).__name__}")
+        self.stochastic = stochastic
 
     @property
     def name(self) -> str:
@@ -278,22 +286,13 @@ class Attack:
         device = _model_device(self.model, images.device)
         x0 = images.detach().to(device)
         y = labels.detach().to(device=device, dtype=torch.long)
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            if self.model_mode != "keep":
-                self.model.train(self.model_mode == "train")
-            if self.eot == "fixed" and has_unseeded_randomness(self.model):
-                raise ValueError(f"{self.name}: eot='fixed' cannot pin the masks of torch dropout layers in "
-                                 "train mode (they draw fresh masks at every forward); use fastdiv.nn layers, "
-                                 "eot='one', or model_mode='eval'")
+        with model_mode(self.model, self.model_mode):
+            randomness = detect_randomness(self.model, x0, stochastic=self.stochastic)
             rng = _Rng(self.seed)
             # drawn first in every mode, so that the random starts of all modes agree
-            call = _Call(rng, rng.seed())
+            call = _Call(rng, rng.seed(), randomness)
             with torch.no_grad():
                 x_adv = self._attack(x0, y, call)
-        finally:
-            for m, training in modes:
-                m.training = training
         return x_adv.detach().to(images.device)
 
     def _attack(self, x0: torch.Tensor, y: torch.Tensor, call: _Call) -> torch.Tensor:
@@ -318,43 +317,25 @@ class Attack:
         """``(grads [n, B, ...], logits [n, B, C])`` of the next step's sample models."""
         n = self.num_samples if num_samples is None else num_samples
         return self._wrap_errors(sample_input_grads, self.model, x, y, n, loss=loss, strategy=self.strategy,
-                                 generator=self._step_seed(call))
+                                 generator=self._step_seed(call), stochastic=call.randomness)
 
-    def _sample_logits(self, x: torch.Tensor, seed: int, num_samples: int | None = None) -> torch.Tensor:
+    def _sample_logits(self, x: torch.Tensor, call: _Call, seed: int, num_samples: int | None = None
+                       ) -> torch.Tensor:
         """Logits ``[n, B, C]`` of n sample models drawn from ``seed`` (no gradient): one forward over
         the replicated batch or n forwards, chosen by ``strategy`` as sample_input_grads does."""
         n = self.num_samples if num_samples is None else num_samples
-        model, batch = self.model, x.shape[0]
-        with torch.no_grad():
-            if not is_stochastic(model):
-                out = self._checked_logits(model(x), batch).unsqueeze(0).expand(n, -1, -1)
-            elif resolve_strategy(model, x, self.strategy, self.name) == "batched":
-                with sampling(model, n, seed):
-                    out = self._checked_logits(model(x.repeat(n, *([1] * (x.dim() - 1)))), n * batch)
-                out = out.view(n, batch, -1)
-            else:
-                parts = []
-                for s in range(n):
-                    with sampling(model, n, seed, index=s):
-                        parts.append(self._checked_logits(model(x), batch))
-                out = torch.stack(parts)
-        return out
-
-    def _checked_logits(self, out, rows: int) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != rows:
-            raise ValueError(f"{self.name}: the model must return logits [N, C] for an input batch of {rows}, "
-                             f"got {getattr(out, 'shape', type(out).__name__)}")
-        return out
+        return sample_logits(self.model, x, n, seed=seed, strategy=self.strategy, stochastic=call.randomness,
+                             fn=self.name)
 
     def _check_labels(self, y: torch.Tensor, classes: int) -> None:
         if y.numel() and int(y.max()) >= classes:
             raise ValueError(f"{self.name}: labels must be in [0, {classes}) for a model with {classes} classes, "
                              f"got max {int(y.max())}")
 
-    def _margin(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+    def _margin(self, x: torch.Tensor, y: torch.Tensor, call: _Call, seed: int) -> torch.Tensor:
         """Ensemble margin ``max_{j≠y} p̄_j − p̄_y`` over ``num_samples`` sample models from ``seed``
         (> 0: the attack succeeded on that example)."""
-        logits = self._sample_logits(x, seed)
+        logits = self._sample_logits(x, call, seed)
         self._check_labels(y, logits.shape[-1])
         return ensemble_margin(logits, y)
 
@@ -393,13 +374,13 @@ class Attack:
         best = best.clone()  # written in place below; never an alias of the input
         # drawn after the first run, so that it uses the same draws as restarts=1
         eval_seed = call.fixed_seed if self.eot == "fixed" else call.rng.seed()
-        best_margin = self._margin(best, y, eval_seed)
+        best_margin = self._margin(best, y, call, eval_seed)
         for _ in range(restarts - 1):
             idx = (best_margin <= 0).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
             cand = run(x0[idx], y[idx], call)
-            margin = self._margin(cand, y[idx], eval_seed)
+            margin = self._margin(cand, y[idx], call, eval_seed)
             better = margin > best_margin[idx]
             best[idx[better]] = cand[better]
             best_margin[idx[better]] = margin[better]

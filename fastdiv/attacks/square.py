@@ -70,7 +70,7 @@ class Square(Attack):
 
     def _query(self, x, y, call):
         """(loss to minimize [B], ensemble margin [B] (> 0: fooled)) of one query."""
-        logits = self._sample_logits(x, self._step_seed(call))
+        logits = self._sample_logits(x, call, self._step_seed(call))
         self._check_labels(y, logits.shape[-1])
         n, b, c = logits.shape
         flat, ys = logits.reshape(n * b, c).to(torch.promote_types(logits.dtype, torch.float32)), y.repeat(n)

@@ -26,18 +26,21 @@ The package, one job per module: :mod:`.config` (:class:`EvalConfig`, attack nam
 :mod:`.attack_setup` (each attack's settings and construction), :mod:`.stages` (the stages on one
 rank's shard, each returning a typed result of :mod:`.shard`, which also merges the ranks' results),
 :mod:`.aggregate` (the results dictionary), :mod:`.schema` (:data:`RESULTS_SCHEMA`,
-:func:`validate_results`), :mod:`.outputs` (the files, the flag strings), :mod:`.run` (:func:`evaluate_model`,
+:func:`validate_results`), :mod:`.outputs` (the files, the flag strings, saved adversarial examples),
+:mod:`.inputs` (a user's model factory, weights and data files), :mod:`.run` (:func:`evaluate_model`,
 :func:`evaluate`) and :mod:`.cli` (the flags, generated from :class:`EvalConfig`).
 """
 # resolve_device, setup_ranks (with the entry points): fastdiv.runtime's, which the driver uses
 from .cli import add_parser
 from .config import DEFAULT_ATTACKS, DEFAULT_TRANSFER_ATTACKS, FORMS, EvalConfig, attack_label, parse_eps
-from .outputs import decode_flags, encode_flags, write_outputs
+from .inputs import EvalInputError
+from .outputs import decode_flags, encode_flags, load_adversarial, save_adversarial, write_outputs
 from .run import evaluate, evaluate_model, resolve_device, setup_ranks  # noqa: F401
 from .schema import RESULTS_SCHEMA, SCHEMA_NAME, SCHEMA_VERSION, validate_results
 
 __all__ = [
     "DEFAULT_ATTACKS", "DEFAULT_TRANSFER_ATTACKS", "FORMS", "EvalConfig", "RESULTS_SCHEMA", "SCHEMA_NAME",
     "SCHEMA_VERSION", "evaluate", "evaluate_model", "validate_results", "write_outputs", "attack_label",
-    "add_parser", "parse_eps", "encode_flags", "decode_flags",
+    "add_parser", "parse_eps", "encode_flags", "decode_flags", "EvalInputError", "load_adversarial",
+    "save_adversarial",
 ]

@@ -123,7 +123,8 @@ def _obfuscation(res: ShardResult, cfg: EvalConfig, check_rows: dict, points: di
         return obf
     unbounded = None
     if c.unbounded_attack:
-        unbounded = {"label": c.unbounded_attack["label"], "eps": 1.0, "correct": c.unbounded}
+        unbounded = {"label": c.unbounded_attack["label"], "eps": c.unbounded_attack["settings"]["eps"],
+                     "correct": c.unbounded}
         obf["settings"]["unbounded"] = c.unbounded_attack
     random = None
     if c.random_found is not None:
@@ -212,7 +213,8 @@ def aggregate(res: ShardResult, cfg: EvalConfig, *, model: nn.Module, in_shape: 
         "device": str(device), "world_size": world, "command": command,
         "run": run_info,
         "model": {"name": name or model_name(model, (run_info or {}).get("config")), "class": type(model).__name__,
-                  "stochastic": res.stochastic, "members": len(members) if members else None,
+                  "stochastic": res.stochastic, "randomness": res.randomness,
+                  "members": len(members) if members else None,
                   "parameters": int(sum(t.numel() for t in model.parameters()))},
         "data": {"dataset": dataset_name, "split": "test", "num_examples": int(res.index.numel()),
                  "in_shape": list(in_shape), "num_classes": res.num_classes},

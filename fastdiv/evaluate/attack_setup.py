@@ -50,6 +50,13 @@ def attack_settings(name: str, *, eps: float, form: str | None, cfg: EvalConfig,
     (not for R-FGSM, whose α is its random step) and Square's ``n_queries``."""
     allowed = accepted(attack_registry()[name])
     wanted = {"eps": float(eps), "eot": form or "fixed", "eot_samples": int(cfg.eot_samples)}
+    # recorded with the row's settings only when not the attacks' defaults
+    if cfg.stochastic is not None:
+        wanted["stochastic"] = cfg.stochastic
+    if cfg.model_mode != "eval":
+        wanted["model_mode"] = cfg.model_mode
+    if cfg.norm != "linf":
+        wanted["norm"] = cfg.norm
     if not class_defaults:
         wanted["steps"] = int(steps or cfg.steps)
         wanted["n_queries"] = int(cfg.square_queries)

@@ -1,6 +1,6 @@
 """``fastdiv evaluate`` on the command line: one flag per :class:`.EvalConfig` field, generated from the
-field's type and metadata, plus the flags of the run itself (which checkpoint, where to write, the
-device, a transfer surrogate, quiet)."""
+field's type and metadata, plus the flags of the run itself (a run directory, or a model of the user's own
+with its weights and test data; where to write, the device, a transfer surrogate, quiet)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..data import DATASETS
 from .config import EvalConfig
 
 __all__ = ["add_parser", "config_flags", "config_settings"]
@@ -29,6 +30,8 @@ def _cli_type(f: dataclasses.Field):
 
 def _cli_default(f: dataclasses.Field):
     """The flag's default: the field's, a sequence comma-joined (as it would be typed)."""
+    if f.default is None:
+        return None
     return ",".join(map(str, f.default)) if str(f.type).startswith("Sequence") else f.default
 
 
@@ -56,17 +59,34 @@ def config_settings(args: argparse.Namespace) -> dict:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds ``fastdiv evaluate`` to the ``fastdiv`` command line."""
     p = subparsers.add_parser(
-        "evaluate", help="robust accuracy, gradient analysis and obfuscation checks of a trained run",
-        description="Evaluate a trained run: GradDiv Table 1-style robust accuracy ([Attack], EOT¹-, EOT- forms), "
-                    "accuracy vs ε, transferability, gradient concentration, GAAS and the gradient-obfuscation "
-                    "checklist. Writes results.json, report.md and PNG plots.")
-    p.add_argument("run_dir", help="run directory written by `fastdiv train` (config.json + best.pt/checkpoint.pt)")
+        "evaluate", help="robust accuracy, gradient analysis and obfuscation checks of a trained run or any model",
+        description="Evaluate a trained run, or any model (--model FILE.py:FACTORY with --weights and --dataset or "
+                    "--data): GradDiv Table 1-style robust accuracy ([Attack], EOT¹-, EOT- forms), accuracy vs ε, "
+                    "transferability, gradient concentration, GAAS and the gradient-obfuscation checklist. Writes "
+                    "results.json, report.md and PNG plots.")
+    p.add_argument("run_dir", nargs="?", default=None,
+                   help="run directory written by `fastdiv train` (config.json + best.pt/checkpoint.pt); "
+                        "leave it out with --model")
+    p.add_argument("--model", default=None, metavar="FILE.py:FACTORY",
+                   help="evaluate your own model: FILE.py:FACTORY or package.module:FACTORY, a callable with no "
+                        "arguments that returns an nn.Module mapping [0, 1] images to logits")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="with --model: a state dict (.safetensors, or .pt loaded with weights_only=True)")
+    p.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="with --model: the test split of this dataset (fastdiv.data.load_dataset)")
+    p.add_argument("--data-dir", default=None, help="with --dataset mnist / cifar10 / stl10: its files")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="with --model: test data as .npz or .safetensors holding x (images in [0, 1], or uint8) "
+                        "and y (labels)")
     p.add_argument("--which", choices=("best", "last"), default="best",
                    help="checkpoint to load (default: %(default)s)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval, or fastdiv-eval with --model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--transfer-from", default=None, metavar="RUN_DIR",
                    help="surrogate run to craft transfer attacks on")
+    p.add_argument("--save-adv", default=None, metavar="DIR",
+                   help="keep the adversarial examples of every table row, ε and repeat in DIR as .safetensors "
+                        "(x_adv, y, index and the per-example flags; fastdiv.evaluate.load_adversarial reads them)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     flags = config_flags()
     for f in dataclasses.fields(EvalConfig):
@@ -81,6 +101,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _own_model(args: argparse.Namespace, settings: dict, command: str | None) -> tuple[dict, Path]:
+    """``fastdiv evaluate --model ...``: the user's model, weights and test data, evaluated."""
+    from ..data import load_dataset
+    from ..runtime import resolve_device
+    from .aggregate import model_name
+    from .inputs import EvalInputError, load_data_file, load_factory, load_weights
+    from .run import evaluate_model, load_surrogate
+
+    if args.run_dir is not None:
+        raise EvalInputError("give either a run directory or --model, not both")
+    if (args.dataset is None) == (args.data is None):
+        raise EvalInputError("--model needs test data: --dataset NAME (with --data-dir for mnist / cifar10 / "
+                             "stl10) or --data FILE (.npz / .safetensors with x and y), one of the two")
+    if args.data_dir is not None and args.dataset is None:
+        raise EvalInputError("--data-dir goes with --dataset")
+    model = load_factory(args.model)
+    if args.weights is not None:
+        load_weights(model, args.weights)
+    if args.data is not None:
+        data, dataset_name = load_data_file(args.data), Path(args.data).name
+    else:
+        data, dataset_name = load_dataset(args.dataset, args.data_dir).test, args.dataset
+    surrogate = surrogate_name = None
+    if args.transfer_from is not None:
+        surrogate, s_config = load_surrogate(args.transfer_from, resolve_device(args.device))
+        surrogate_name = model_name(surrogate, s_config)
+    out = Path(args.out) if args.out else Path("fastdiv-eval")
+    run_info = {"model": args.model, "weights": args.weights, "data": args.data or args.dataset,
+                "transfer_from": args.transfer_from}
+    results = evaluate_model(model, data, out=out, quiet=args.quiet, device=args.device, name=args.model,
+                             surrogate=surrogate, surrogate_name=surrogate_name, dataset_name=dataset_name,
+                             run_info=run_info, command=command, save_adv=args.save_adv, **settings)
+    return results, out
+
+
 def _main(args: argparse.Namespace) -> int:
     from .run import evaluate
 
@@ -88,13 +143,22 @@ def _main(args: argparse.Namespace) -> int:
     command = ("fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                if sys.argv[1:2] == ["evaluate"] else None)
     try:
-        results = evaluate(args.run_dir, out=args.out, which=args.which, device=args.device,
-                           transfer_from=args.transfer_from, quiet=args.quiet, command=command, **settings)
+        if args.model is not None:
+            results, out = _own_model(args, settings, command)
+        elif args.run_dir is None:
+            raise ValueError("give a run directory (from `fastdiv train`) or --model FILE.py:FACTORY")
+        else:
+            for flag in ("weights", "dataset", "data_dir", "data"):
+                if getattr(args, flag) is not None:
+                    raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a run directory has its own")
+            results = evaluate(args.run_dir, out=args.out, which=args.which, device=args.device,
+                               transfer_from=args.transfer_from, quiet=args.quiet, command=command,
+                               save_adv=args.save_adv, **settings)
+            out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     except (ValueError, FileNotFoundError) as exc:
         print(f"fastdiv evaluate: error: {exc}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
-        out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
         total = results["table"]["total"]["results"]
         print("total robust accuracy: "
               + ", ".join(f"ε={c['eps']:g}: {100 * c['ensemble']['mean']:.2f}%" for c in total))

@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+from ..nn.randomness import MODEL_MODES
+
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_TRANSFER_ATTACKS", "FORMS", "EvalConfig", "attack_label", "parse_eps"]
 
 #: GradDiv Table 1's attacks (B&B and FAB are not in fastdiv; Square, MI-FGSM and PGD-CW are added).
@@ -19,6 +21,15 @@ _DISPLAY = {"fgsm": "FGSM", "fgm": "FGM", "rfgsm": "R-FGSM", "bim": "I-FGSM", "p
             "square": "Square"}
 #: GAL Table 2's transfer attacks (crafted on the surrogate).
 DEFAULT_TRANSFER_ATTACKS = ("fgsm", "rfgsm", "bim", "mifgsm", "pgdcw")
+#: The threat models: the attacks' ball around the clean input.
+NORMS = ("linf", "l2")
+#: What the attack fields mean when left out, per threat model (the ℓ2 rows: fastdiv's ℓ2 attacks).
+NORM_DEFAULTS = {
+    "linf": {"attacks": DEFAULT_ATTACKS, "curve_attack": "pgd", "transfer_attack": "pgd",
+             "transfer_attacks": DEFAULT_TRANSFER_ATTACKS},
+    "l2": {"attacks": ("fgm", "pgd-l2", "apgd-ce", "apgd-dlr"), "curve_attack": "pgd-l2",
+           "transfer_attack": "pgd-l2", "transfer_attacks": ("fgm", "pgd-l2")},
+}
 
 
 def attack_label(name: str, form: str | None) -> str:
@@ -26,8 +37,9 @@ def attack_label(name: str, form: str | None) -> str:
     return _FORM_PREFIX.get(form or "fixed", "") + _DISPLAY.get(name, name.upper())
 
 
-def parse_eps(text: str | Sequence) -> list[float]:
-    """ε values from ``'0.1,0.2,8/255'`` or a sequence of numbers / strings; each must lie in [0, 1]."""
+def parse_eps(text: str | Sequence, norm: str = "linf") -> list[float]:
+    """ε values from ``'0.1,0.2,8/255'`` or a sequence of numbers / strings; each must lie in [0, 1] for
+    ``norm='linf'`` (inputs live in [0, 1]), and be finite and >= 0 for ``'l2'``."""
     items = [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
     if not items:
         raise ValueError("eps: give at least one ε value, e.g. --eps 0.1,0.2,0.3")
@@ -37,8 +49,11 @@ def parse_eps(text: str | Sequence) -> list[float]:
             v = float(Fraction(t)) if isinstance(t, str) else float(t)
         except (ValueError, ZeroDivisionError, TypeError):
             raise ValueError(f"eps: {t!r} is not a number (write 0.03 or 8/255)") from None
-        if isinstance(t, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"eps: every ε must be in [0, 1] (inputs live in [0, 1]), got {t!r}")
+        if norm == "linf" and (isinstance(t, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0):
+            raise ValueError(f"eps: every ε must be in [0, 1] for the ℓ∞ threat model (inputs live in [0, 1]), "
+                             f"got {t!r}")
+        if isinstance(t, bool) or not math.isfinite(v) or v < 0.0:
+            raise ValueError(f"eps: every ℓ2 ε must be a finite number >= 0, got {t!r}")
         out.append(v)
     return out
 
@@ -49,6 +64,18 @@ def _names(text: str | Sequence[str] | None) -> list[str]:
         return []
     items = [t.strip().lower() for t in text.split(",")] if isinstance(text, str) else [str(t).lower() for t in text]
     return list(dict.fromkeys(t for t in items if t))
+
+
+_DECLARED = {"auto": None, "none": None, "yes": True, "true": True, "no": False, "false": False}
+
+
+def _declared(value) -> bool | None:
+    """``stochastic`` as None (detect), True or False, from a bool, None or 'auto' / 'yes' / 'no'."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _DECLARED:
+        return _DECLARED[value.strip().lower()]
+    raise ValueError(f"stochastic: must be auto, yes or no (or None, True, False), got {value!r}")
 
 
 def _field(default, help: str, *, shown: bool | str | None = True):
@@ -64,8 +91,10 @@ class EvalConfig:
     evaluate`` (``--NAME-WITH-DASHES``; a bool field is turned off by ``--no-NAME``), its help in
     the field's metadata. Sequences may also be given as comma-separated strings."""
 
-    attacks: Sequence[str] = _field(DEFAULT_ATTACKS, "comma-separated attack names")
-    eps: Sequence[float] = _field((0.1, 0.2, 0.3), "comma-separated ℓ∞ budgets in [0, 1]; fractions like 8/255 ok")
+    attacks: Sequence[str] | None = _field(None, "comma-separated attack names", shown=",".join(DEFAULT_ATTACKS)
+                                           + "; with --norm l2: " + ",".join(NORM_DEFAULTS["l2"]["attacks"]))
+    eps: Sequence[float] = _field((0.1, 0.2, 0.3), "comma-separated budgets, ℓ∞ in [0, 1] (fractions like 8/255 "
+                                                   "ok) or ℓ2 >= 0")
     forms: Sequence[str] = _field(FORMS, "attack forms for stochastic models: fixed ([Attack]), one (EOT¹-), "
                                          "mean (EOT-)")
     steps: int = _field(20, "attack iterations")
@@ -78,10 +107,11 @@ class EvalConfig:
     limit: int | None = _field(None, "evaluate only the first N test examples", shown=None)
     batch_size: int = _field(128, "examples per batch of the attacks and the gradient analysis")
     curve_eps: Sequence[float] = _field((), "extra ε of the accuracy-vs-ε curve (comma-separated)", shown=None)
-    curve_attack: str = _field("pgd", "attack of the curve, strongest form")
+    curve_attack: str | None = _field(None, "attack of the curve, strongest form", shown="pgd; ℓ2: pgd-l2")
     transfer_models: int = _field(5, "k sample models of the transferability matrix, 0 = off")
-    transfer_attack: str = _field("pgd", "attack of the matrix and MRA")
-    transfer_attacks: Sequence[str] = _field(DEFAULT_TRANSFER_ATTACKS, "attacks crafted on the surrogate")
+    transfer_attack: str | None = _field(None, "attack of the matrix and MRA", shown="pgd; ℓ2: pgd-l2")
+    transfer_attacks: Sequence[str] | None = _field(None, "attacks crafted on the surrogate",
+                                                    shown=",".join(DEFAULT_TRANSFER_ATTACKS) + "; ℓ2: fgm,pgd-l2")
     analysis: bool = _field(True, "skip the gradient analysis")
     grad_samples: int = _field(100, "gradient samples per input")
     grad_examples: int | None = _field(None, "examples of the concentration statistics", shown="all")
@@ -92,15 +122,27 @@ class EvalConfig:
     random_samples: int = _field(100, "random-search samples per example for check 4")
     min_margin: float = _field(0.01, "smallest difference the checks count")
     per_example: bool = _field(True, "leave per-example flags out of results.json")
+    stochastic: str | bool | None = _field(None, "auto: detect whether the model is stochastic (its layers, then two "
+                                                 "forwards of a few examples that must agree); yes / no: declare it",
+                                           shown="auto")
+    model_mode: str = _field("eval", "mode the model runs in: eval, mc-dropout (eval with dropout active), train or "
+                                     "keep")
+    norm: str = _field("linf", "threat model: linf (the ℓ∞ ball) or l2 (the ℓ2 ball); sets the default attacks")
 
     def check(self, attack_names: Sequence[str] | None = None) -> EvalConfig:
         """Normalizes and validates every field; raises ``ValueError`` naming the argument."""
+        self.norm = self.norm.lower() if isinstance(self.norm, str) else self.norm
+        if self.norm not in NORMS:
+            raise ValueError(f"norm: must be one of {NORMS} (any case), got {self.norm!r}")
+        for field, default in NORM_DEFAULTS[self.norm].items():
+            if getattr(self, field) is None:
+                setattr(self, field, default)
         self.attacks = _names(self.attacks)
         self.transfer_attacks = _names(self.transfer_attacks)
         self.forms = _names(self.forms)
-        self.eps = parse_eps(self.eps)
+        self.eps = parse_eps(self.eps, self.norm)
         given = self.curve_eps if isinstance(self.curve_eps, str) else len(self.curve_eps)
-        self.curve_eps = parse_eps(self.curve_eps) if given else []
+        self.curve_eps = parse_eps(self.curve_eps, self.norm) if given else []
         if attack_names is not None:
             self._check_attack_names(attack_names)
         bad = [f for f in self.forms if f not in FORMS]
@@ -126,6 +168,9 @@ class EvalConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
                 raise ValueError(f"{field}: out of range, got {v!r}")
         self.gaas_k = self._hadamard_orders()
+        self.stochastic = _declared(self.stochastic)
+        if self.model_mode not in MODEL_MODES:
+            raise ValueError(f"model_mode: must be one of {MODEL_MODES}, got {self.model_mode!r}")
         return self
 
     def _check_attack_names(self, attack_names: Sequence[str]) -> None:
@@ -137,6 +182,13 @@ class EvalConfig:
         for field in ("curve_attack", "transfer_attack"):
             if getattr(self, field) not in attack_names:
                 raise ValueError(f"{field}: unknown attack {getattr(self, field)!r}; choose from {known}")
+        if isinstance(attack_names, dict):  # the registry: each class says which balls it attacks in
+            wrong = [a for a in [*self.attacks, *self.transfer_attacks, self.curve_attack, self.transfer_attack]
+                     if self.norm not in getattr(attack_names[a], "norms", (self.norm,))]
+            if wrong:
+                fits = sorted(a for a, cls in attack_names.items() if self.norm in getattr(cls, "norms", ()))
+                raise ValueError(f"attacks: {sorted(set(wrong))} have no {self.norm} version; for norm={self.norm} "
+                                 f"choose from {fits}")
 
     def _hadamard_orders(self) -> list[int]:
         try:

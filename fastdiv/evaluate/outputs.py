@@ -1,5 +1,5 @@
-"""The files of an evaluation: ``results.json``, ``report.md`` and its PNG plots; and the per-example flag
-strings results.json stores correctness in."""
+"""The files of an evaluation: ``results.json``, ``report.md`` and its PNG plots; the per-example flag
+strings results.json stores correctness in; and the adversarial examples of each attack (``--save-adv``)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["decode_flags", "encode_flags", "write_outputs"]
+__all__ = ["decode_flags", "encode_flags", "load_adversarial", "save_adversarial", "write_outputs"]
 
 
 def encode_flags(flags: torch.Tensor) -> str:
@@ -21,9 +21,40 @@ def decode_flags(text: str) -> torch.Tensor:
     return torch.tensor([c == "1" for c in text], dtype=torch.bool)
 
 
+def save_adversarial(path: str | os.PathLike, *, x_adv: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                     ensemble_correct: torch.Tensor, worst_correct: torch.Tensor, info: dict) -> Path:
+    """Writes one attack's adversarial examples as ``.safetensors``, atomically: ``x_adv``, ``y``, ``index``
+    (test-set positions), the per-example ``ensemble_correct`` / ``worst_correct`` flags the evaluation
+    counted, and ``info`` (attack, form, ε, repeat, the prediction seed and sample count that reproduce
+    the flags with :func:`fastdiv.analysis.predict_correct`) as JSON metadata."""
+    from safetensors.torch import save
+
+    from ..runtime import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"x_adv": x_adv, "y": y, "index": index, "ensemble_correct": ensemble_correct,
+               "worst_correct": worst_correct}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(save(tensors, metadata={"info": json.dumps(info, default=str)}), path)
+    return path
+
+
+def load_adversarial(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, info)`` of a file written by :func:`save_adversarial`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads((f.metadata() or {}).get("info", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, info  # noqa: SIM118 - safe_open has no __iter__
+
+
 def write_outputs(results: dict, out: str | os.PathLike) -> dict[str, Path]:
-    """Writes ``results.json``, ``report.md`` and the PNG plots into ``out``; returns their paths."""
+    """Writes ``results.json``, ``report.md``, the PNG plots and ``robustbench.json`` (one RobustBench-shaped
+    entry per ε, :func:`~fastdiv.evaluate.export.robustbench_entries`) into ``out``; returns their paths."""
     from .. import report
+    from ..runtime import atomic_write_text
+    from .export import robustbench_entries
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -33,4 +64,6 @@ def write_outputs(results: dict, out: str | os.PathLike) -> dict[str, Path]:
     tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
     rep = report.write_report(results, out)
-    return {"results": path, "report": rep, "plots": sorted(out.glob("*.png"))}
+    robustbench = out / "robustbench.json"
+    atomic_write_text(json.dumps(robustbench_entries(results), indent=1, ensure_ascii=False) + "\n", robustbench)
+    return {"results": path, "report": rep, "plots": sorted(out.glob("*.png")), "robustbench": robustbench}

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn.randomness import PROBE_EXAMPLES, detect_randomness, model_mode
 from ..runtime import resolve_device, setup_ranks
 from .aggregate import aggregate, model_name
 from .attack_setup import attack_registry
 from .config import EvalConfig
+from .inputs import as_xy, check_logits
 from .outputs import write_outputs
 from .schema import validate_results
 from .shard import merge
@@ -25,54 +27,42 @@ from .stages import run_shard
 __all__ = ["evaluate", "evaluate_model"]
 
 
-def _as_xy(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from a TensorDataset, a DatasetSplits (its test split) or a pair of tensors."""
-    if hasattr(data, "test") and not isinstance(data, (tuple, list)):
-        data = data.test
-    if hasattr(data, "tensors"):
-        data = data.tensors
-    if not (isinstance(data, (tuple, list)) and len(data) >= 2 and all(isinstance(t, torch.Tensor) for t in data[:2])):
-        raise TypeError("data: expected a TensorDataset, a DatasetSplits or a pair (images [N,C,H,W], labels [N]), "
-                        f"got {type(data).__name__}")
-    x, y = data[0], data[1]
-    if not x.is_floating_point() or x.dim() < 2:
-        raise ValueError(f"data: images must be a float tensor [N, ...], got {x.dtype} {tuple(x.shape)}")
-    if y.shape != x.shape[:1]:
-        raise ValueError(f"data: labels must have shape [{x.shape[0]}], got {tuple(y.shape)}")
-    return x, y.long()
-
-
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module | None):
-    """``model.eval()`` for the block, then its previous mode (nothing for None)."""
+def _mode(model: nn.Module | None, mode: str):
+    """:func:`fastdiv.nn.model_mode` for the block (nothing for None)."""
     if model is None:
         yield
         return
-    was = model.training
-    model.eval()
-    try:
+    with model_mode(model, mode):
         yield
-    finally:
-        model.train(was)
 
 
 def evaluate_model(model: nn.Module, data, *, out: str | os.PathLike | None = None, quiet: bool = False,
                    device: str | torch.device | None = "auto", surrogate: nn.Module | None = None,
                    surrogate_name: str | None = None, name: str | None = None, dataset_name: str = "custom",
-                   run_info: dict | None = None, command: str | None = None, **settings) -> dict:
-    """Evaluates ``model`` on ``data`` (a TensorDataset, a DatasetSplits — its test split — or
-    ``(images, labels)``) and returns the results dictionary (schema :data:`RESULTS_SCHEMA`).
+                   run_info: dict | None = None, command: str | None = None,
+                   save_adv: str | os.PathLike | None = None, **settings) -> dict:
+    """Evaluates ``model`` on ``data`` (a TensorDataset, a DatasetSplits — its test split —, a map-style
+    Dataset or a DataLoader of ``(image, label)``, or ``(images, labels)``; images in [0, 1]) and returns
+    the results dictionary (schema :data:`RESULTS_SCHEMA`).
 
     ``settings`` are the fields of :class:`EvalConfig` (attacks, eps, forms, steps, alpha_factor,
-    eot_samples, ensemble_samples, repeats, seed, limit, ...). ``surrogate``: a model to craft transfer
-    attacks on (GAL Table 2). ``out``: when given, ``results.json``, ``report.md`` and the plots are
-    written there (by rank 0). Invalid settings raise ``ValueError`` before any work or file.
+    eot_samples, ensemble_samples, repeats, seed, limit, ..., ``stochastic`` and ``model_mode``).
+    Whether the model is stochastic is detected (:func:`fastdiv.nn.detect_randomness`: its layers, then
+    two forwards of the first test examples) unless ``stochastic=True|False`` declares it; the verdict
+    and its reason are in ``results["model"]``. ``model_mode`` is the mode the model runs in
+    (:func:`fastdiv.nn.model_mode`; ``'mc-dropout'`` keeps dropout active with BatchNorm in eval).
+    ``save_adv``: a directory for the adversarial examples of every table row, ε and repeat
+    (:func:`~fastdiv.evaluate.outputs.save_adversarial`, one ``.safetensors`` file each).
+    ``surrogate``: a model to craft transfer attacks on (GAL Table 2). ``out``: when given,
+    ``results.json``, ``report.md`` and the plots are written there (by rank 0). Invalid settings raise
+    ``ValueError`` before any work or file.
 
     >>> res = fastdiv.evaluate.evaluate_model(model, (x, y), attacks="fgsm,pgd", eps=[0.1, 0.3], repeats=3)
     >>> res["table"]["total"]["results"][0]["ensemble"]["mean"]
     """
     cfg = EvalConfig(**settings).check(attack_registry())
-    x_all, y_all = _as_xy(data)
+    x_all, y_all = as_xy(data)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     dev = resolve_device(device)
@@ -86,11 +76,16 @@ def evaluate_model(model: nn.Module, data, *, out: str | os.PathLike | None = No
         model = model.to(dev)
         if surrogate is not None:
             surrogate = surrogate.to(dev)
-        with _eval_mode(model), _eval_mode(surrogate):
+        with _mode(model, cfg.model_mode), _mode(surrogate, "eval"):
+            check_logits(model, x_all[:2].to(dev), y_all)
+            # judged on the first test examples, so that every rank reaches the same verdict
+            randomness = detect_randomness(model, x_all[:PROBE_EXAMPLES].to(dev), stochastic=cfg.stochastic,
+                                           seed=cfg.seed)
             shard = torch.arange(x_all.shape[0])[ranks.rank::ranks.world]
             result, timing = run_shard(model, x_all[shard].to(dev), y_all[shard].to(dev), shard, cfg,
                                        surrogate=surrogate, ranks=ranks, quiet=quiet, x0=x_all[:1].to(dev),
-                                       y0=y_all[:1].to(dev))
+                                       y0=y_all[:1].to(dev), randomness=randomness,
+                                       save_adv=Path(save_adv) if save_adv is not None else None)
         merged = merge(ranks.gather(result))
     finally:
         ranks.close()
@@ -133,6 +128,12 @@ def _load(run_dir: Path, which: str, device: torch.device):
     return model, config, which
 
 
+def load_surrogate(run_dir: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
+    """The best model of the run ``run_dir`` (``--transfer-from``) and its config."""
+    model, config, _ = _load(_check_run_dir(run_dir, "best", "transfer_from"), "best", device)
+    return model, config
+
+
 def _test_data(config: dict):
     from ..data import load_dataset
 
@@ -149,7 +150,8 @@ def _jsonable(obj):
 
 def evaluate(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, which: str = "best",
              device: str | torch.device | None = "auto", transfer_from: str | os.PathLike | None = None,
-             quiet: bool = False, command: str | None = None, write: bool = True, **settings) -> dict:
+             quiet: bool = False, command: str | None = None, write: bool = True,
+             save_adv: str | os.PathLike | None = None, **settings) -> dict:
     """Evaluates the trained run in ``run_dir`` on its dataset's test split and writes ``results.json``,
     ``report.md`` and the plots into ``out`` (default ``run_dir/eval``; ``write=False`` writes nothing).
     ``transfer_from``: a surrogate run to craft transfer attacks on. ``settings``: :class:`EvalConfig`
@@ -166,11 +168,11 @@ def evaluate(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None
     data = _test_data(config)
     surrogate = surrogate_name = None
     if src_path is not None:
-        surrogate, s_config, _ = _load(src_path, "best", dev)
+        surrogate, s_config = load_surrogate(src_path, dev)
         surrogate_name = model_name(surrogate, s_config)
     run_info = {"run_dir": str(path), "which": used, "config": _jsonable(config),
                 "transfer_from": str(src_path) if src_path else None}
     return evaluate_model(model, data, out=(Path(out) if out is not None else path / "eval") if write else None,
                           quiet=quiet, device=dev, surrogate=surrogate, surrogate_name=surrogate_name,
                           name=model_name(model, config), dataset_name=getattr(data, "name", config["dataset"]),
-                          run_info=run_info, command=command, **dataclasses.asdict(cfg))
+                          run_info=run_info, command=command, save_adv=save_adv, **dataclasses.asdict(cfg))

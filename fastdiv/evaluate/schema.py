@@ -13,12 +13,14 @@ SCHEMA_VERSION = 1
 
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+# an ε: a fraction of the [0, 1] range for ℓ∞, any length >= 0 for ℓ2 (validate_results checks the ℓ∞ bound)
+_EPS = {"type": "number", "minimum": 0}
 _ACC = {"type": "object", "required": ["mean", "std", "values"],
         "properties": {"mean": _FRACTION, "std": {"type": "number", "minimum": 0},
                        "values": {"type": "array", "items": _FRACTION, "minItems": 1}}}
 _FLAGS = {"type": "array", "items": {"type": "string", "pattern": "^[01]*$"}}
 _CELL = {"type": "object", "required": ["eps", "ensemble", "worst_case"],
-         "properties": {"eps": _FRACTION, "settings": {"type": "object"}, "ensemble": _ACC, "worst_case": _ACC,
+         "properties": {"eps": _EPS, "settings": {"type": "object"}, "ensemble": _ACC, "worst_case": _ACC,
                         "correct": _FLAGS, "worst_correct": _FLAGS}}
 _ROW = {"type": "object", "required": ["key", "label", "attack", "form", "results"],
         "properties": {"key": {"type": "string"}, "label": {"type": "string"},
@@ -52,7 +54,8 @@ RESULTS_SCHEMA = {
         "run": {"type": ["object", "null"]},
         "model": {"type": "object", "required": ["name", "class", "stochastic", "members", "parameters"],
                   "properties": {"name": {"type": "string"}, "class": {"type": "string"},
-                                 "stochastic": {"type": "boolean"}, "members": {"type": ["integer", "null"]},
+                                 "stochastic": {"type": "boolean"}, "randomness": {"type": "string"},
+                                 "members": {"type": ["integer", "null"]},
                                  "parameters": {"type": "integer", "minimum": 0}}},
         "data": {"type": "object", "required": ["dataset", "split", "num_examples", "in_shape"],
                  "properties": {"dataset": {"type": "string"}, "split": {"type": "string"},
@@ -60,18 +63,18 @@ RESULTS_SCHEMA = {
                                 "in_shape": {"type": "array", "items": {"type": "integer"}}}},
         "settings": {"type": "object", "required": ["attacks", "eps", "forms", "steps", "alpha_factor", "eot_samples",
                                                     "ensemble_samples", "repeats", "seed"],
-                     "properties": {"eps": {"type": "array", "items": _FRACTION, "minItems": 1},
+                     "properties": {"eps": {"type": "array", "items": _EPS, "minItems": 1},
                                     "attacks": {"type": "array", "items": {"type": "string"}},
                                     "repeats": {"type": "integer", "minimum": 1}}},
         "clean": {"type": "object", "required": ["ensemble", "worst_case"],
                   "properties": {"ensemble": _ACC, "worst_case": _ACC, "correct": _FLAGS, "worst_correct": _FLAGS}},
         "table": {"type": "object", "required": ["eps", "rows", "total"],
-                  "properties": {"eps": {"type": "array", "items": _FRACTION}, "rows": {"type": "array", "items": _ROW},
+                  "properties": {"eps": {"type": "array", "items": _EPS}, "rows": {"type": "array", "items": _ROW},
                                  "total": _ROW}},
         "curve": {"type": ["object", "null"], "required": ["attack", "form", "label", "points"],
                   "properties": {"points": {"type": "array", "items": {
                       "type": "object", "required": ["eps", "ensemble", "worst_case"],
-                      "properties": {"eps": _FRACTION, "ensemble": _ACC, "worst_case": _ACC}}}}},
+                      "properties": {"eps": _EPS, "ensemble": _ACC, "worst_case": _ACC}}}}},
         "transfer": {"type": "object", "required": ["sample_models", "mra", "surrogate"],
                      "properties": {
                          "sample_models": {"type": ["object", "null"],
@@ -152,6 +155,8 @@ def validate_results(results: dict) -> dict:
     eps = results["table"]["eps"]
     if eps != results["settings"]["eps"]:
         raise ValueError("results.table.eps: differs from settings.eps")
+    if results["settings"].get("norm", "linf") == "linf" and any(e > 1 for e in eps):
+        raise ValueError(f"results.settings.eps: an ℓ∞ ε must be in [0, 1], got {eps}")
     n, reps = results["data"]["num_examples"], results["settings"]["repeats"]
 
     def flags_ok(where: str, rec: dict) -> None:

@@ -124,6 +124,7 @@ class ShardResult:
     stochastic: bool = False
     members: int | None = None
     strongest: str | None = None
+    randomness: str = ""
     clean: Predictions | None = None
     rows: list[RowResult] = dataclasses.field(default_factory=list)
     curve: list[CurvePoint] = dataclasses.field(default_factory=list)

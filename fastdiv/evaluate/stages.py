@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import analysis as A
+from ..nn.randomness import Randomness
 from ..runtime import Ranks
 from .attack_setup import accepted, attack_registry, attack_settings, build_attack, build_transfer_attack
 from .attack_setup import run_attack_batches as _batches
 from .config import EvalConfig, attack_label
+from .outputs import save_adversarial
 from .shard import (
     ChecklistResult,
     CurvePoint,
@@ -86,9 +90,12 @@ class Context:
     rank: int
     x0: torch.Tensor
     y0: torch.Tensor
+    randomness: Randomness
+    save_adv: Path | None = None  #: where each attack's adversarial examples go (None: not kept)
+    world: int = 1
 
     def __post_init__(self):
-        self.stochastic = A.is_stochastic(self.model)
+        self.stochastic = self.randomness.stochastic
         self.members = A.members_of(self.model)
         self.strongest = strongest_form(self.cfg, self.stochastic)
 
@@ -102,7 +109,7 @@ class Context:
         adversarial versions, by the ensemble of sample models of ``repeat``."""
         cfg = self.cfg
         ens, worst = A.predict_correct(self.model, x, self.y, cfg.ensemble_samples, A.derive_seed(cfg.seed, 13, repeat),
-                                       batch_size=4 * cfg.batch_size)
+                                       batch_size=4 * cfg.batch_size, stochastic=self.randomness)
         return Predictions(ens.cpu(), worst.cpu())
 
     def attack(self, name: str, form: str | None, eps: float, seed: int, **kw) -> tuple[torch.Tensor, dict]:
@@ -132,6 +139,15 @@ def attack_row(ctx: Context, spec: RowSpec, row: int) -> RowResult:
             x_adv, s = ctx.attack(spec.attack, spec.form, eps, A.derive_seed(cfg.seed, 11, r, row, ei))
             p = ctx.predict(x_adv, r)
             flags.ensemble[ei, r], flags.worst[ei, r] = p.ensemble, p.worst
+            if ctx.save_adv is not None:
+                shard = f".rank{ctx.rank}" if ctx.world > 1 else ""
+                name = f"{spec.key.replace('/', '-')}_eps{ei}_r{r}{shard}.safetensors"
+                save_adversarial(ctx.save_adv / name, x_adv=x_adv, y=ctx.y,
+                                 index=ctx.index, ensemble_correct=p.ensemble, worst_correct=p.worst,
+                                 info={"attack": spec.attack, "form": spec.form, "label": spec.label, "eps": eps,
+                                       "repeat": r, "settings": s, "ensemble_samples": cfg.ensemble_samples,
+                                       "prediction_seed": A.derive_seed(cfg.seed, 13, r),
+                                       "stochastic": ctx.stochastic, "model_mode": cfg.model_mode})
             ctx.progress.update()
         settings.append(s)
     return RowResult(spec, flags, settings)
@@ -160,14 +176,20 @@ def checklist_runs(ctx: Context, rows: list[RowResult]) -> ChecklistResult:
     cfg, attacks = ctx.cfg, attack_registry()
     E, _, N = ctx.shape
     out = ChecklistResult()
-    unbounded = "bim" if "bim" in attacks else ("pgd" if "pgd" in attacks else None)
+    if cfg.norm == "linf":
+        unbounded = "bim" if "bim" in attacks else ("pgd" if "pgd" in attacks else None)
+    else:
+        unbounded = "pgd-l2" if "pgd-l2" in attacks else None
     if unbounded is not None:
         ctx.progress.stage(f"unbounded {attack_label(unbounded, ctx.strongest)}")
         steps = max(cfg.steps, 20)
-        extra = {"random_start": False} if unbounded == "pgd" and "random_start" in accepted(attacks["pgd"]) else {}
-        # α = 2.5/steps: the iterates can cross the whole [0, 1] box
-        x_adv, settings = ctx.attack(unbounded, ctx.strongest, 1.0, A.derive_seed(cfg.seed, 19), steps=steps,
-                                     alpha=2.5 / steps, **extra)
+        extra = ({"random_start": False} if unbounded in ("pgd", "pgd-l2")
+                 and "random_start" in accepted(attacks[unbounded]) else {})
+        # a ball that holds the whole [0, 1] box (ℓ∞ radius 1, ℓ2 radius √D), and α = 2.5·radius/steps so
+        # that the iterates can cross it
+        radius = 1.0 if cfg.norm == "linf" else math.sqrt(ctx.x[0].numel())
+        x_adv, settings = ctx.attack(unbounded, ctx.strongest, radius, A.derive_seed(cfg.seed, 19), steps=steps,
+                                     alpha=2.5 * radius / steps, **extra)
         out.unbounded = ctx.predict(x_adv, 0).ensemble
         out.unbounded_attack = {"attack": unbounded, "form": ctx.strongest,
                                 "label": attack_label(unbounded, ctx.strongest), "settings": settings}
@@ -185,7 +207,7 @@ def checklist_runs(ctx: Context, rows: list[RowResult]) -> ChecklistResult:
             if sel.numel():
                 out.random_found[ei, sel.cpu()] = A.random_search(
                     ctx.model, ctx.x[sel], ctx.y[sel], eps=eps, samples=cfg.random_samples,
-                    pred_samples=cfg.ensemble_samples, seed=A.derive_seed(cfg.seed, 23, ei)).cpu()
+                    pred_samples=cfg.ensemble_samples, seed=A.derive_seed(cfg.seed, 23, ei), norm=cfg.norm).cpu()
             out.random_survived[ei] = survived
             ctx.progress.update()
     else:
@@ -208,7 +230,7 @@ def sample_transfer(ctx: Context) -> SampleTransfer:
                                        cfg.batch_size)
 
     correct = A.transfer_correct(ctx.model, ctx.x, ctx.y, make, k=k, seed=A.derive_seed(cfg.seed, 31),
-                                 members=members).cpu()
+                                 members=members, randomness=ctx.randomness).cpu()
     ctx.progress.update()
     return SampleTransfer(correct, {"k": k, "eps": eps, "attack": cfg.transfer_attack, "settings": settings,
                                     "source": "members" if members else "sample_models",
@@ -280,7 +302,8 @@ def gradient_analysis(ctx: Context) -> GradientResult:
                                 members=members)
         out.diversity = {k: dv[k].cpu() for k in ("correct", "l_d", "l_s")}
     ctx.progress.update()
-    out.gaas_ks = [k for k in cfg.gaas_k if k <= x[0].numel()]
+    # GAAS's directions ε·sign(ĝ) ⊙ h_i are ℓ∞ perturbations: not run for the ℓ2 threat model
+    out.gaas_ks = [k for k in cfg.gaas_k if k <= x[0].numel()] if cfg.norm == "linf" else []
     if out.gaas_ks and cfg.gaas_examples > 0:
         ctx.progress.stage(f"GAAS k={out.gaas_ks}")
         amask = index < cfg.gaas_examples
@@ -302,10 +325,11 @@ def gradient_analysis(ctx: Context) -> GradientResult:
 
 def run_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, cfg: EvalConfig, *,
               surrogate: nn.Module | None, ranks: Ranks, quiet: bool, x0: torch.Tensor,
-              y0: torch.Tensor) -> tuple[ShardResult, dict[str, float]]:
-    """Every stage on this rank's examples ``x``/``y`` (test-set positions ``index``); returns the
-    result and the seconds per stage."""
-    stochastic = A.is_stochastic(model)
+              y0: torch.Tensor, randomness: Randomness,
+              save_adv: Path | None = None) -> tuple[ShardResult, dict[str, float]]:
+    """Every stage on this rank's examples ``x``/``y`` (test-set positions ``index``) of a model whose
+    ``randomness`` is known; returns the result and the seconds per stage."""
+    stochastic = randomness.stochastic
     members = A.members_of(model)
     specs = table_rows(cfg, stochastic)
     E, R = len(cfg.eps), cfg.repeats
@@ -319,8 +343,9 @@ def run_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.T
     progress = Progress(total, quiet, ranks.rank, "evaluate")
     with torch.no_grad():
         num_classes = int(model(x0).shape[-1])
-    ctx = Context(model, x, y, index, cfg, progress, ranks.rank, x0, y0)
-    out = ShardResult(index.cpu(), num_classes, stochastic, len(members) if members else None, ctx.strongest)
+    ctx = Context(model, x, y, index, cfg, progress, ranks.rank, x0, y0, randomness, save_adv, ranks.world)
+    out = ShardResult(index.cpu(), num_classes, stochastic, len(members) if members else None, ctx.strongest,
+                      randomness=randomness.reason)
     timing: dict[str, float] = {}
 
     def timed(key: str, stage, *args):

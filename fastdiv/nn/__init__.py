@@ -7,7 +7,17 @@ from .dropout import PriorityDropout, PriorityDropoutEnsemble
 from .ensemble import Ensemble, predict
 from .models import MODELS, Classifier, SharedPrefix, build_model
 from .noise import NoiseInjection
+from .normalize import Normalize
 from .population import Population, counter_link_masks, prse
+from .randomness import (
+    MODEL_MODES,
+    PROBE_EXAMPLES,
+    Randomness,
+    detect_randomness,
+    model_mode,
+    one_sample,
+    seeded_global_rng,
+)
 from .sampling import (
     RandomizedModule,
     SampleState,
@@ -26,7 +36,9 @@ __all__ = [
     "supports_batched",
 ]
 __all__ += ["BayesBatchNorm2d", "BayesConv2d", "BayesLinear", "BayesianLayer", "kl_divergence"]
-__all__ += ["NoiseInjection"]
+__all__ += ["MODEL_MODES", "PROBE_EXAMPLES", "Randomness", "detect_randomness", "model_mode", "one_sample",
+            "seeded_global_rng"]
+__all__ += ["NoiseInjection", "Normalize"]
 __all__ += ["MODELS", "Classifier", "SharedPrefix", "build_model"]
 __all__ += ["Ensemble", "Population", "PriorityDropout", "PriorityDropoutEnsemble", "counter_link_masks", "predict",
             "prse"]

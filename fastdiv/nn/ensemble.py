@@ -22,7 +22,8 @@ from torch.func import functional_call, vmap
 
 from .._checks import check_model_and_batch
 from .._seeds import mix_seed
-from .sampling import RandomizedModule, SampleState, is_randomized, is_stochastic, sampling, supports_batched
+from .randomness import detect_randomness, one_sample
+from .sampling import RandomizedModule, SampleState, is_randomized, sampling, supports_batched
 
 __all__ = ["Ensemble", "predict"]
 
@@ -270,8 +271,8 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 _ROWS_PER_FORWARD = 2048
 
 
-def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None, chunk: int | None = None
-            ) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None, chunk: int | None = None, *,
+            stochastic: bool | None = None) -> torch.Tensor:
     """Ensemble inference: the mean softmax over sample models of ``model``, ``[B, C]``.
 
     * :class:`Ensemble` (and subclasses): the sample models are the members, whatever
@@ -281,8 +282,13 @@ def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None,
       RNG), evaluated in one sample-batched pass per chunk when :func:`fastdiv.nn.supports_batched`
       allows it, else one sample at a time. The same ``seed`` gives the same sample models in every
       chunk (per-element noise layers draw per chunk).
-    * a deterministic model: its softmax, one forward per chunk; with torch dropout active
-      (train mode) ``num_samples`` forwards.
+    * a model that draws from the global RNG (torch dropout in train mode, another library's Bayesian
+      layers, ``torch.randn`` in ``forward``; found by :func:`fastdiv.nn.detect_randomness`):
+      ``num_samples`` forwards, the global RNG seeded per sample from ``seed`` and restored after.
+    * a deterministic model: its softmax, one forward per chunk.
+
+    ``stochastic`` declares the model stochastic (``True``) or deterministic (``False``) instead of
+    detecting it (``None``).
 
     ``chunk`` bounds memory: at most ``chunk`` examples go through one forward (each replicated
     ``num_samples`` times); default: about 2048 rows per forward. Runs under ``torch.no_grad()``
@@ -297,12 +303,13 @@ def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None,
     ensemble = isinstance(model, Ensemble)
     if ensemble:
         num_samples = len(model.members)
-    randomized = is_stochastic(model)
+    randomness = detect_randomness(model, x, stochastic=stochastic)
+    randomized = randomness.stochastic
     n = num_samples if randomized else 1
     if chunk is None:
         chunk = max(1, _ROWS_PER_FORWARD // n)
     seed = resolve_seed(seed) if randomized else 0
-    batched = randomized and supports_batched(model)
+    batched = randomized and not randomness.global_rng and supports_batched(model)
     rest = [1] * (x.dim() - 1)
     outs = []
     with torch.no_grad():
@@ -321,7 +328,7 @@ def predict(model: nn.Module, x: torch.Tensor, num_samples: int = 20, seed=None,
             else:
                 total = 0
                 for s in range(n):
-                    with sampling(model, n, seed, index=s):
+                    with one_sample(model, n, seed, s, randomness, xc.device):
                         total = total + _softmax(model(xc))
                 outs.append(total / n)
     return torch.cat(outs)

@@ -136,10 +136,16 @@ def has_unseeded_randomness(model: nn.Module) -> bool:
     return any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0 for m in model.modules())
 
 
-def is_stochastic(model: nn.Module) -> bool:
+def is_stochastic(model: nn.Module, x: torch.Tensor | None = None) -> bool:
     """Whether ``model``'s output depends on random draws: it contains a :class:`RandomizedModule`
-    or an active torch dropout layer."""
-    return is_randomized(model) or has_unseeded_randomness(model)
+    or an active torch dropout layer, or, given a batch ``x``, two forwards of its first examples
+    differ (randomness drawn inside ``forward`` from the global RNG; see
+    :func:`fastdiv.nn.detect_randomness`, which also says why)."""
+    if x is None:
+        return is_randomized(model) or has_unseeded_randomness(model)
+    from .randomness import detect_randomness  # it builds on this module
+
+    return detect_randomness(model, x).stochastic
 
 
 def supports_batched(model: nn.Module) -> bool:

@@ -31,7 +31,8 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_accuracy_curves(curves: Sequence[dict], path, *, title: str = "Accuracy vs ε") -> Path:
+def plot_accuracy_curves(curves: Sequence[dict], path, *, title: str = "Accuracy vs ε", xlabel: str = "ε (ℓ∞)"
+                         ) -> Path:
     """Accuracy (%) against ε, one line per curve ``{'label', 'eps': [...], 'mean': [...], 'std': [...]}``
     (GradDiv Fig. 6); a shaded band of ±std when given."""
     plt = _plt()
@@ -44,7 +45,7 @@ def plot_accuracy_curves(curves: Sequence[dict], path, *, title: str = "Accuracy
             lo = [m - 100 * s for m, s in zip(mean, std)]
             hi = [m + 100 * s for m, s in zip(mean, std)]
             ax.fill_between(eps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
-    ax.set_xlabel("ε (ℓ∞)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)

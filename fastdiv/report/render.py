@@ -9,6 +9,10 @@ from .markdown import Markdown, fmt_acc, fmt_num, fmt_pct
 from .plots import STAT_LABELS, plot_accuracy_curves, plot_gaas, plot_heatmaps, plot_projection, plot_stat_histograms
 
 
+def _eps_axis(results: dict) -> str:
+    return "ε (ℓ2)" if results["settings"].get("norm") == "l2" else "ε (ℓ∞)"
+
+
 def _table_block(results: dict, md: Markdown, *, worst: bool = True) -> None:
     table = results["table"]
     eps = table["eps"]
@@ -69,11 +73,14 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
             f"{'stochastic' if m['stochastic'] else 'deterministic'}"
             f"{', %d members' % m['members'] if m.get('members') else ''})",
             f"data: `{d['dataset']}` {d['split']} split, {d['num_examples']} examples, input {tuple(d['in_shape'])}",
-            f"attacks: {_settings_line(results)}; ℓ∞, inputs clipped to [0, 1]"]
+            f"attacks: {_settings_line(results)}; "
+            f"{'ℓ2' if results['settings'].get('norm') == 'l2' else 'ℓ∞'}, inputs clipped to [0, 1]"]
     if run.get("run_dir"):
         info.insert(0, f"run: `{run['run_dir']}` ({run.get('which', 'best')} checkpoint)")
     if results.get("command"):
         info.append(f"command: `{results['command']}`")
+    if m.get("randomness"):
+        info.insert(1, f"randomness: {m['randomness']}")
     md.bullets(info)
 
     md.heading("Robust accuracy (%)", h + 1)
@@ -86,7 +93,7 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
     curves = _curve_entries(results)
     if curves:
         p = plot_accuracy_curves(curves, out_dir / f"{prefix}accuracy_vs_eps.png",
-                                 title=f"{results['curve']['label']} accuracy vs ε")
+                                 title=f"{results['curve']['label']} accuracy vs ε", xlabel=_eps_axis(results))
         md.image(p.name, "accuracy vs eps")
 
     md.heading("Gradient-obfuscation checklist (GradDiv §5)", h + 1)
@@ -225,7 +232,7 @@ def render_comparison(named: dict[str, dict], out_dir, *, title: str = "fastdiv 
     curves = [c for n in names for c in _curve_entries(named[n], label=n)]
     if curves:
         p = plot_accuracy_curves(curves, out_dir / "compare_accuracy_vs_eps.png",
-                                 title=f"{first['curve']['label']} accuracy vs ε")
+                                 title=f"{first['curve']['label']} accuracy vs ε", xlabel=_eps_axis(first))
         md.image(p.name, "accuracy vs eps")
 
     md.heading("Gradient concentration", 2)

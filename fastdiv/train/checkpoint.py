@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime import atomic_save, atomic_write_text, rng_state, set_rng_state
+from ..runtime import atomic_save, atomic_write_bytes, atomic_write_text, rng_state, set_rng_state
 
 __all__ = ["CHECKPOINT_FORMAT", "TrainingCheckpoint", "append_metrics", "save_best", "truncate_metrics"]
 
@@ -77,10 +77,24 @@ class TrainingCheckpoint:
                    partial=state.get("partial"), preset=state.get("preset"))
 
 
-def save_best(path: Path, *, epoch: int, val_acc: float, model: nn.Module, preset: str | None) -> None:
-    """Writes ``best.pt``: the model after ``epoch`` epochs, whose validation accuracy was ``val_acc``."""
+def save_best(path: Path, *, epoch: int, val_acc: float, model: nn.Module, preset: str | None,
+              config: dict[str, Any] | None = None) -> None:
+    """Writes ``best.pt``: the model after ``epoch`` epochs, whose validation accuracy was ``val_acc``; and
+    beside it ``best.safetensors``, the same weights for tools that load no pickles, with the run's
+    ``config`` (JSON), the epoch, the accuracy and the preset as string metadata."""
     atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "val_acc": val_acc, "model": model.state_dict(),
                  "preset": preset}, path)
+    from safetensors.torch import save
+
+    state = model.state_dict()
+    # clones: safetensors refuses tensors that share storage (tied weights), and wants them contiguous;
+    # a module's extra state (e.g. a Population's dispatch seed and call count) is not a tensor: JSON metadata
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    meta = {"format": str(CHECKPOINT_FORMAT), "epoch": str(epoch), "val_acc": repr(float(val_acc)),
+            "preset": preset or "", "config": json.dumps(config or {}, default=str),
+            "extra_state": json.dumps(extra)}
+    atomic_write_bytes(save(tensors, metadata=meta), path.with_suffix(".safetensors"))
 
 
 # MultiStepLR keeps its milestones in a Counter: stored as a plain dict of ints, so that checkpoint.pt holds

@@ -240,7 +240,8 @@ class Trainer(RunSetup):
             record["best"] = improved
             if improved:
                 self.best = {"val_acc": ev["val_acc"], "epoch": epoch + 1}
-                save_best(self.best_path, epoch=epoch + 1, val_acc=ev["val_acc"], model=self.model, preset=cfg.preset)
+                save_best(self.best_path, epoch=epoch + 1, val_acc=ev["val_acc"], model=self.model, preset=cfg.preset,
+                          config=self.config_record())
             # the metrics line goes first: a kill before the checkpoint is replaced re-runs the epoch
             # and truncate_metrics drops the stale line
             append_metrics(self.metrics_path, record)
