@@ -42,7 +42,7 @@ $(VENV)/.deps: requirements.txt | $(PY)
 
 $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps
 	$(PIP) install -r requirements-test.txt
-	$(PIP) install --no-deps torchattacks==3.5.1 bayesian-torch==0.5.0
+	$(PIP) install --no-deps torchattacks==3.5.1 bayesian-torch==0.5.0 pyautoattack==0.2.0
 	touch $@
 
 $(VENV)/.lint-deps: requirements-docs.txt $(VENV)/.deps

@@ -14,6 +14,7 @@ from torch import nn
 import fastdiv
 from fastdiv.attacks import (
     APGD,
+    APGDT,
     ATTACKS,
     BIM,
     FGM,
@@ -108,6 +109,8 @@ FAST = {
     "pgdcw": {"eps": 0.1, "steps": 3},
     "apgd-ce": {"eps": 0.1, "steps": 4},
     "apgd-dlr": {"eps": 0.1, "steps": 4},
+    "apgd-t": {"eps": 0.1, "steps": 4, "n_target_classes": 3},
+    "fab-t": {"eps": 0.1, "steps": 4, "n_target_classes": 3},
     "square": {"eps": 0.1, "n_queries": 15},
 }
 L2_ATTACKS = {"fgm", "pgd-l2"}
@@ -133,7 +136,7 @@ def assert_in_threat_model(x_adv, x, eps, norm, what=""):
 
 def test_registry():
     assert set(ATTACKS) == {"fgsm", "fgm", "rfgsm", "bim", "pgd", "pgd-l2", "mifgsm", "pgdcw", "apgd-ce", "apgd-dlr",
-                            "square"}
+                            "apgd-t", "fab-t", "square"}
     assert all(issubclass(c, Attack) for c in ATTACKS.values())
     assert ATTACKS["pgd-l2"](nn.Linear(2, 2)).norm == "l2" and ATTACKS["apgd-dlr"](nn.Linear(2, 2)).loss == "dlr"
     assert ATTACKS["apgd-ce"](nn.Linear(2, 2)).loss == "ce"
@@ -440,10 +443,12 @@ def test_batch_consistency(name):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_apgd_checkpoints_as_in_the_paper():
-    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (then > 1)
+def test_apgd_checkpoints_as_in_autoattack():
+    # at N = 100 AutoAttack's integer steps 22, 19, 16, 13, 10, 7, 6, 6 give the paper's ⌈p_j N⌉
     assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
-    assert apgd_checkpoints(10) == [0, 3, 5, 6, 7, 8, 9, 10]
+    # at N = 10 they differ: AutoAttack checks after 2 steps, then after every step (the paper: 3, 5, 6, ...)
+    assert apgd_checkpoints(10) == [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert apgd_checkpoints(20) == [0, 4, 7, 9, *range(10, 21)]
     assert apgd_checkpoints(1) == [0, 1]
 
 
@@ -627,6 +632,10 @@ def test_eot_pgd_beats_fixed_on_a_noisy_model():
 # ---------------------------------------------------------------------------------------------------
 
 
+def three_class_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).requires_grad_(False)
+
+
 class ThreeD(nn.Module):
     def forward(self, x):
         return x.flatten(1)[:, :10].unsqueeze(1)
@@ -666,6 +675,24 @@ class ThreeD(nn.Module):
     (lambda m: APGD(m, steps=2), lambda x, y: (x, y + 10), ValueError, r"APGD: .*labels y must be in \[0, 10\)"),
     (lambda m: Square(m, n_queries=2), lambda x, y: (x, y + 10), ValueError, r"Square: labels must be in \[0, 10\)"),
     (lambda m: PGD(ThreeD()), None, ValueError, r"PGD: .*logits \[N, C\]"),
+    # targeted mode
+    (lambda m: PGD(m), lambda x, y: (x, y, y.clone()), ValueError, "target must differ from the true label"),
+    (lambda m: APGD(m, steps=2), lambda x, y: (x, y, torch.where(torch.arange(4) == 2, y, (y + 1) % 10)),
+     ValueError, "equals the label at 1 example.*index 2"),
+    (lambda m: PGD(m), lambda x, y: (x, y, (y + 1) % 10 + 10), ValueError, r"PGD: target must be in \[0, 10\)"),
+    (lambda m: APGD(m, steps=2), lambda x, y: (x, y, torch.full_like(y, 10) + (y == 10)), ValueError,
+     r"APGD: target must be in \[0, 10\)"),
+    (lambda m: FGSM(m), lambda x, y: (x, y, y - 20), ValueError, "target must be class indices >= 0"),
+    (lambda m: PGD(m), lambda x, y: (x, y, (y + 1).float()), TypeError, "target must be an integer tensor"),
+    (lambda m: PGD(m), lambda x, y: (x, y, (y + 1)[:-1]), ValueError, "target must have shape"),
+    (lambda m: Square(m), lambda x, y: (x, y, (y + 1) % 10), TypeError, "Square: no targeted mode"),
+    (lambda m: APGDT(m), lambda x, y: (x, y, (y + 1) % 10), TypeError, "APGDT: no targeted mode"),
+    (lambda m: APGDT(m, loss="ce"), None, TypeError, "targeted DLR loss"),
+    (lambda m: APGDT(m, n_target_classes=0), None, ValueError, "n_target_classes must be an int >= 1"),
+    (lambda m: APGDT(three_class_model(), steps=2), lambda x, y: (x, y % 3), ValueError,
+     "APGDT: the targeted DLR loss needs at least 4 classes, the model has 3"),
+    (lambda m: APGD(three_class_model(), steps=2, loss="dlr"), lambda x, y: (x, y % 3, (y + 1) % 3), ValueError,
+     "APGD: .*targeted DLR loss needs at least 4 classes, the model has 3"),
     (lambda m: Square(ThreeD(), n_queries=2), None, ValueError, r"Square: .*logits \[N, C\]"),
 ])
 def test_bad_input(make_attack, call, error, match):
@@ -684,3 +711,124 @@ def test_range_tolerance():
     x = x.clone()
     x[0, 0, 0, 0], x[1, 0, 0, 0] = 1 + 5e-7, -5e-7  # float rounding of a normalization: accepted
     assert_in_threat_model(FGSM(model, eps=0.1)(x, y), x.clamp(0, 1), 0.1 + 1e-6, "linf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targeted mode
+# ---------------------------------------------------------------------------------------------------
+
+TARGETED = ["fgsm", "fgm", "rfgsm", "bim", "pgd", "pgd-l2", "mifgsm", "pgdcw", "apgd-ce", "apgd-dlr"]
+
+
+def targets_for(y, seed=0):
+    """A target per example, never its label."""
+    return (y + 1 + torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(seed))) % 10
+
+
+def hits(model, x, t, samples=1):
+    with torch.no_grad():
+        probs = torch.stack([model(x).softmax(-1) for _ in range(samples)]).mean(0)
+    return probs.argmax(1) == t
+
+
+@pytest.mark.parametrize("name", TARGETED)
+def test_targeted_mode_moves_toward_the_target(name):
+    """Every gradient attack has a targeted mode: in the threat model, and far more examples end up
+    classified as their target than after the untargeted attack of the same budget."""
+    model = trained_mlp()
+    x, y = test_batch(100)
+    t = targets_for(y)
+    kw = {"eps": 2.0} if name in L2_ATTACKS else {"eps": 0.2}
+    if name not in ("fgsm", "fgm", "rfgsm"):
+        kw["steps"] = 10
+    atk = ATTACKS[name](model, seed=0, **kw)
+    assert atk.supports_target
+    x_tgt = atk(x, y, target=t)
+    assert_in_threat_model(x_tgt, x, atk.eps, "l2" if name in L2_ATTACKS else "linf", name)
+    hit_targeted, hit_untargeted = hits(model, x_tgt, t).float().mean(), hits(model, atk(x, y), t).float().mean()
+    assert hit_targeted > hit_untargeted + 0.1, (name, hit_targeted, hit_untargeted)
+    if name not in ("fgsm", "fgm", "rfgsm"):
+        assert hit_targeted > 0.5, (name, hit_targeted)
+
+
+def test_targeted_pgd_and_pgdcw_against_references():
+    """Targeted PGD descends CE(z, t) (ascends −CE); targeted PGD-CW ascends min(z_t − max_{j≠t} z_j, κ)."""
+    model = trained_mlp().double()
+    x, y = test_batch(16)
+    x, t = x.double(), targets_for(y)
+
+    def reference(objective):
+        x_adv = x.clone()
+        for _ in range(3):
+            leaf = x_adv.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(objective(model(leaf)).sum(), leaf)
+            x_adv = (x + (x_adv + 0.02 * g.sign() - x).clamp(-0.1, 0.1)).clamp(0, 1)
+        return x_adv
+
+    def hinge(z):
+        other = z.masked_fill(nn.functional.one_hot(t, 10).bool(), -math.inf).amax(1)
+        return (z.gather(1, t[:, None]).squeeze(1) - other).clamp(max=5.0)
+
+    got = PGD(model, eps=0.1, alpha=0.02, steps=3, random_start=False)(x, y, target=t)
+    torch.testing.assert_close(got, reference(lambda z: -nn.functional.cross_entropy(z, t, reduction="none")))
+    got = PGDCW(model, eps=0.1, alpha=0.02, steps=3, random_start=False, confidence=5.0)(x, y, target=t)
+    torch.testing.assert_close(got, reference(hinge))
+
+
+def test_targeted_dlr_loss_formula():
+    z = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 5.0, 1.0, 3.0, 2.0]])
+    y, t = torch.tensor([0, 1]), torch.tensor([2, 3])
+    # −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2)
+    want = torch.tensor([-(4.0 - 2.0) / (4.0 - (2.0 + 1.0) / 2), -(5.0 - 3.0) / (5.0 - (2.0 + 1.0) / 2)])
+    torch.testing.assert_close(fastdiv.attacks.dlr_targeted_loss(y)(z, t), want)
+    # labels of a batch replicated over 3 sample models are y tiled
+    torch.testing.assert_close(fastdiv.attacks.dlr_targeted_loss(y)(z.repeat(3, 1), t.repeat(3)), want.repeat(3))
+
+
+@pytest.mark.parametrize("eot", ["mean", "one", "fixed"])
+def test_targeted_eot_pgd_on_a_noisy_model(eot):
+    """Targeted mode works through sample_input_grads' EOT: the ensemble prediction moves to the target."""
+    model = noisy_mlp(0.3)
+    x, y = test_batch(60)
+    t = targets_for(y)
+    x_tgt = PGD(model, eps=0.2, steps=10, eot=eot, eot_samples=5, seed=0)(x, y, target=t)
+    assert_in_threat_model(x_tgt, x, 0.2, "linf", eot)
+    torch.manual_seed(0)
+    assert hits(model, x_tgt, t, samples=20).float().mean() > 0.4
+
+
+@pytest.mark.parametrize("cls, kw", [(PGD, {"steps": 3, "eps": 0.06}), (APGD, {"steps": 4, "eps": 0.06})])
+def test_targeted_restarts_keep_target_hits(cls, kw):
+    """Restarts judge success as "classified as the target": every example that reached its target
+    in the first run keeps it, and later runs only add hits."""
+    model = trained_mlp()
+    x, y = test_batch(100)
+    t = targets_for(y)
+    one = hits(model, cls(model, restarts=1, seed=0, **kw)(x, y, target=t), t)
+    three = hits(model, cls(model, restarts=3, seed=0, **kw)(x, y, target=t), t)
+    assert one.any() and not one.all()
+    assert (three | ~one).all(), "a target hit of the first run was lost"
+    assert three.sum() >= one.sum()
+
+
+def test_targeted_apgd_reaches_targets_with_both_losses():
+    model = trained_mlp()
+    x, y = test_batch(100)
+    t = targets_for(y)
+    for loss in ("ce", "dlr"):
+        x_tgt = APGD(model, eps=0.2, steps=20, loss=loss, seed=0)(x, y, target=t)
+        assert_in_threat_model(x_tgt, x, 0.2, "linf", loss)
+        assert hits(model, x_tgt, t).float().mean() > 0.6, loss
+
+
+def test_apgd_t_targets_the_runner_ups_of_robust_points():
+    """APGD-T attacks only correctly classified points, in the threat model, and never leaves a point
+    it fooled for a correctly classified one (it keeps the worst case for the model)."""
+    model = trained_mlp()
+    x, y = test_batch(100)
+    clean_wrong = model(x).argmax(1) != y
+    x_adv = APGDT(model, eps=0.08, steps=10, n_target_classes=3, seed=0)(x, y)
+    assert_in_threat_model(x_adv, x, 0.08, "linf", "apgd-t")
+    assert torch.equal(x_adv[clean_wrong], x[clean_wrong])
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.2
+    assert ATTACKS["apgd-t"] is APGDT and APGDT(model).n_target_classes == 9 and APGDT(model).steps == 100

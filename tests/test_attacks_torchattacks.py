@@ -114,3 +114,28 @@ def test_square_robust_accuracy_matches_torchattacks():
     acc_theirs, acc_ours = accuracy(model, theirs, y), accuracy(model, ours, y)
     assert acc_ours < accuracy(model, x, y) - 0.1
     assert abs(acc_ours - acc_theirs) <= binomial_tolerance(acc_theirs, len(y)), (acc_ours, acc_theirs)
+
+
+@pytest.mark.parametrize("case", ["pgd", "bim", "mifgsm"])
+def test_targeted_same_steps_as_torchattacks_targeted_by_label(case):
+    """Targeted mode: torchattacks' ``set_mode_targeted_by_label`` (targets passed in place of the
+    labels; each step descends CE toward the target) takes the same steps from the same start."""
+    model = trained_mlp()
+    x, y = test_batch(64)
+    t = (y + 1 + torch.randint(0, 9, y.shape, generator=torch.Generator().manual_seed(0))) % 10
+    if case == "pgd":
+        ours = PGD(model, eps=0.1, alpha=0.02, steps=7, random_start=False)
+        theirs = torchattacks.PGD(model, eps=0.1, alpha=0.02, steps=7, random_start=False)
+    elif case == "bim":
+        ours, theirs = BIM(model, eps=0.1, alpha=0.02, steps=7), torchattacks.BIM(model, 0.1, 0.02, 7)
+    else:
+        ours = MIFGSM(model, eps=0.1, alpha=0.02, steps=7, decay=1.0)
+        theirs = torchattacks.MIFGSM(model, eps=0.1, alpha=0.02, steps=7, decay=1.0)
+    theirs.set_mode_targeted_by_label(quiet=True)
+    got, want = ours(x, y, target=t), theirs(x, t)
+    assert (want - x).abs().max() > 0
+    # (not ℓ2: the targeted CE saturates within a few steps, and torchattacks' 1e-10 added to the norm
+    # of the batch-mean gradient then changes the step)
+    assert_same_steps(got, want, f"targeted {case}")
+    # and the targeted run goes elsewhere than the untargeted one
+    assert (ours(x, y) - got).abs().max() > 1e-3

@@ -3,6 +3,7 @@
 >>> from fastdiv.attacks import PGD
 >>> atk = PGD(model, eps=8/255, alpha=2/255, steps=10, eot='mean', eot_samples=10, seed=0)
 >>> x_adv = atk(images, labels)
+>>> x_tgt = atk(images, labels, target=target_classes)   # targeted: descend the loss toward the targets
 
 Every gradient attack gets the n sample models' input gradients from one
 :func:`fastdiv.sample_input_grads` call per step and updates with the fused :func:`fastdiv.eot_step`.
@@ -10,7 +11,7 @@ Every gradient attack gets the n sample models' input gradients from one
 (see :class:`Attack`). :data:`ATTACKS` maps the names used by the CLI and the evaluation driver to
 the classes.
 """
-from .apgd import APGD, APGDDLR, apgd_checkpoints
+from .apgd import APGD, APGDDLR, APGDT, apgd_checkpoints
 from .base import (
     EOT_MODES,
     MODEL_MODES,
@@ -18,8 +19,11 @@ from .base import (
     Attack,
     cw_loss,
     dlr_loss,
+    dlr_targeted_loss,
     ensemble_margin,
+    targeted_loss,
 )
+from .fab import FAB, fab_projection
 from .gradient import BIM, FGM, FGSM, MIFGSM, PGD, PGDCW, PGDL2, RFGSM
 from .square import Square, p_selection
 from .transfer import SurrogateEnsemble, TransferAttack
@@ -36,14 +40,18 @@ ATTACKS: dict[str, type[Attack]] = {
     "pgdcw": PGDCW,
     "apgd-ce": APGD,
     "apgd-dlr": APGDDLR,
+    "apgd-t": APGDT,
+    "fab-t": FAB,
     "square": Square,
 }
 
 __all__ = [
     "APGD",
     "APGDDLR",
+    "APGDT",
     "ATTACKS",
     "BIM",
+    "FAB",
     "EOT_MODES",
     "FGM",
     "FGSM",
@@ -61,6 +69,9 @@ __all__ = [
     "apgd_checkpoints",
     "cw_loss",
     "dlr_loss",
+    "dlr_targeted_loss",
     "ensemble_margin",
+    "fab_projection",
     "p_selection",
+    "targeted_loss",
 ]

@@ -24,7 +24,8 @@ from torch import nn
 from ..grads import STRATEGIES, per_example_loss, resolve_seed, sample_input_grads, sample_logits
 from ..nn.randomness import MODEL_MODES, Randomness, detect_randomness, model_mode
 
-__all__ = ["EOT_MODES", "MODEL_MODES", "NORMS", "Attack", "cw_loss", "dlr_loss", "ensemble_margin"]
+__all__ = ["EOT_MODES", "MODEL_MODES", "NORMS", "Attack", "cw_loss", "dlr_loss", "dlr_targeted_loss",
+           "ensemble_margin", "targeted_loss"]
 
 EOT_MODES = ("mean", "one", "fixed")
 NORMS = ("linf", "l2")
@@ -61,6 +62,12 @@ class cw_loss:
         true = logits.gather(1, y[:, None]).squeeze(1)
         return (_other_max(logits, y) - true).clamp(max=self.confidence)
 
+    def targeted(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The targeted hinge to ascend: ``min(z_t − max_{j≠t} z_j, confidence)`` (flat once the
+        target class leads every other class by κ)."""
+        target = logits.gather(1, t[:, None]).squeeze(1)
+        return (target - _other_max(logits, t)).clamp(max=self.confidence)
+
     def __repr__(self) -> str:
         return f"cw_loss(confidence={self.confidence:g})"
 
@@ -76,6 +83,56 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     top = logits.topk(3, dim=1).values
     true = logits.gather(1, y[:, None]).squeeze(1)
     return -(true - _other_max(logits, y)) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+class dlr_targeted_loss:
+    """Targeted DLR to ascend (Croce & Hein, ICML 2020, arXiv:2003.01690, §4):
+    ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e−12)`` for true labels ``y`` (bound here) and the
+    targets ``t`` passed as the loss' labels. Needs at least 4 classes.
+
+    Called as ``loss(logits [M, C], t [M])`` where M is a multiple of ``len(y)``: the labels of a
+    batch replicated over sample models (:func:`fastdiv.sample_input_grads`) are ``y`` tiled.
+    """
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.y = y
+
+    def __call__(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] < 4:
+            raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
+        y = self.y.to(t.device).repeat(t.shape[0] // max(self.y.shape[0], 1))
+        top = logits.topk(4, dim=1).values
+        true, target = logits.gather(1, y[:, None]).squeeze(1), logits.gather(1, t[:, None]).squeeze(1)
+        return -(true - target) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
+
+
+class _Negated:
+    """``−loss(logits, t)``: descending an untargeted loss on the target class (torchattacks' targeted mode)."""
+
+    def __init__(self, loss) -> None:
+        self.loss = loss
+
+    def __call__(self, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -per_example_loss(self.loss, logits, t)
+
+
+def targeted_loss(loss, y: torch.Tensor):
+    """The loss a targeted attack ascends, as a callable ``(logits, target) -> [N]``, for the untargeted
+    ``loss`` of an attack and the true labels ``y``:
+
+    * 'cw' / :class:`cw_loss` (κ): the targeted hinge ``min(z_t − max_{j≠t} z_j, κ)`` (negating the
+      untargeted hinge would make it unbounded);
+    * :func:`dlr_loss` ('dlr'): the targeted DLR loss :class:`dlr_targeted_loss` (needs ``y``);
+    * anything else ('ce', 'logit', a callable): ``−loss(logits, t)``, so that the attack descends
+      the loss of the target class (as torchattacks' targeted mode).
+    """
+    if isinstance(loss, str) and loss == "cw":
+        loss = cw_loss(0.0)
+    if isinstance(loss, cw_loss):
+        return loss.targeted
+    if loss is dlr_loss or (isinstance(loss, str) and loss == "dlr"):
+        return dlr_targeted_loss(y)
+    return _Negated(loss)
 
 
 def ensemble_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -122,13 +179,30 @@ class _Rng:
 
 
 class _Call:
-    """Per-call state handed to :meth:`Attack._attack`: the RNG, the seed of the fixed sample and the
-    model's randomness (resolved once per call)."""
+    """Per-call state handed to :meth:`Attack._attack`: the RNG, the seed of the fixed sample, the
+    model's randomness (resolved once per call) and the targets.
 
-    def __init__(self, rng: _Rng, fixed_seed: int, randomness: Randomness) -> None:
+    ``target`` (``[B]`` or None): the class the loss is descended toward. ``success_target``: success
+    means "classified as ``target``" (a targeted call) rather than "misclassified" (APGD-T uses
+    targets only to guide its loss).
+    """
+
+    def __init__(self, rng: _Rng, fixed_seed: int, randomness: Randomness, target: torch.Tensor | None = None,
+                 success_target: bool = True) -> None:
         self.rng = rng
         self.fixed_seed = fixed_seed
         self.randomness = randomness
+        self.target = target
+        self.success_target = success_target
+
+    def subset(self, idx: torch.Tensor) -> _Call:
+        """The same call restricted to the examples ``idx`` (same RNG: draws continue)."""
+        if self.target is None:
+            return self
+        return _Call(self.rng, self.fixed_seed, self.randomness, self.target[idx], self.success_target)
+
+    def with_target(self, target: torch.Tensor | None, success_target: bool) -> _Call:
+        return _Call(self.rng, self.fixed_seed, self.randomness, target, success_target)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,11 +282,22 @@ class Attack:
             draws made once per forward (another library's Bayesian weights) exactly and per-element
             draws (dropout masks, input noise) for each batch size.
 
-    Call: ``images`` ``[B, *input_shape]`` floating point in [0, 1] (NCHW for images), ``labels``
-    ``[B]`` integers in ``[0, C)``. Returns the adversarial batch (same shape and dtype, on
-    ``images``' device; computed on the model's device). Inputs are never modified; an empty batch
-    returns an empty result.
+    Call: ``atk(images, labels, target=None)``. ``images`` ``[B, *input_shape]`` floating point in
+    [0, 1] (NCHW for images), ``labels`` ``[B]`` integers in ``[0, C)``: the true classes. Returns the
+    adversarial batch (same shape and dtype, on ``images``' device; computed on the model's device).
+    Inputs are never modified; an empty batch returns an empty result.
+
+    Targeted mode (the gradient attacks and :class:`~fastdiv.attacks.APGD`; ``supports_target``):
+    ``target`` ``[B]`` integers in ``[0, C)``, each different from its label, makes the attack descend
+    the loss toward the target class (``−loss(logits, target)``; the CW hinge and DLR get their
+    targeted forms, see :func:`targeted_loss`), and success (restarts, APGD's choice of iterate)
+    means "the ensemble prediction is the target". This is torchattacks'
+    ``set_mode_targeted_by_label`` with the targets given beside the true labels rather than in
+    their place, so that a target equal to the true label is caught.
     """
+
+    #: whether the call accepts ``target=`` (targeted mode)
+    supports_target: bool = False
 
     #: attacks whose gradient steps use the ℓ∞ / ℓ2 geometry
     norms: tuple[str, ...] = NORMS
@@ -279,8 +364,29 @@ class Attack:
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError(f"{fn}: labels must be class indices >= 0, got min {int(labels.min())}")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _check_target(self, target, labels: torch.Tensor) -> None:
+        fn = self.name
+        if not self.supports_target:
+            raise TypeError(f"{fn}: no targeted mode (target= is for the gradient attacks and APGD)")
+        if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
+                or target.dtype == torch.bool:
+            raise TypeError(f"{fn}: target must be an integer tensor [B] of target classes, got "
+                            f"{target.dtype if isinstance(target, torch.Tensor) else type(target).__name__}")
+        if target.shape != labels.shape:
+            raise ValueError(f"{fn}: target must have shape {tuple(labels.shape)} (one target class per image), "
+                             f"got {tuple(target.shape)}")
+        if target.numel() and int(target.min()) < 0:
+            raise ValueError(f"{fn}: target must be class indices >= 0, got min {int(target.min())}")
+        same = (target.to(labels.device) == labels).nonzero().flatten()
+        if same.numel():
+            raise ValueError(f"{fn}: target must differ from the true label of every example; it equals the label "
+                             f"at {same.numel()} example(s), first index {int(same[0])}")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         self._check_call(images, labels)
+        if target is not None:
+            self._check_target(target, labels)
         if images.shape[0] == 0:
             return images.detach().clone()
         device = _model_device(self.model, images.device)
@@ -291,6 +397,14 @@ class Attack:
             rng = _Rng(self.seed)
             # drawn first in every mode, so that the random starts of all modes agree
             call = _Call(rng, rng.seed(), randomness)
+            if target is not None:
+                t = target.detach().to(device=device, dtype=torch.long)
+                with torch.no_grad():  # the class count, for a clear error before any step
+                    classes = self._sample_logits(x0[:1], call, call.fixed_seed, 1).shape[-1]
+                if int(t.max()) >= classes:
+                    raise ValueError(f"{self.name}: target must be in [0, {classes}) for a model with {classes} "
+                                     f"classes, got max {int(t.max())}")
+                call = call.with_target(t, success_target=True)
             with torch.no_grad():
                 x_adv = self._attack(x0, y, call)
         return x_adv.detach().to(images.device)
@@ -313,11 +427,30 @@ class Attack:
         except ValueError as err:
             raise ValueError(f"{self.name}: {err}") from None
 
+    @staticmethod
+    def _objective(loss, y: torch.Tensor, call: _Call):
+        """``(labels, loss)`` the step ascends: ``(y, loss)``, or with a target ``(target,
+        targeted_loss(loss, y))``, which descends toward the target class."""
+        if call.target is None:
+            return y, loss
+        return call.target, targeted_loss(loss, y)
+
     def _grads(self, x: torch.Tensor, y: torch.Tensor, call: _Call, loss, num_samples: int | None = None):
-        """``(grads [n, B, ...], logits [n, B, C])`` of the next step's sample models."""
+        """``(grads [n, B, ...], logits [n, B, C])`` of the next step's sample models, for the loss of
+        :meth:`_objective` (targeted when the call has a target)."""
         n = self.num_samples if num_samples is None else num_samples
-        return self._wrap_errors(sample_input_grads, self.model, x, y, n, loss=loss, strategy=self.strategy,
+        labels, loss = self._objective(loss, y, call)
+        return self._wrap_errors(sample_input_grads, self.model, x, labels, n, loss=loss, strategy=self.strategy,
                                  generator=self._step_seed(call), stochastic=call.randomness)
+
+    @staticmethod
+    def _success_margin(logits: torch.Tensor, y: torch.Tensor, call: _Call) -> torch.Tensor:
+        """> 0 exactly where the attack succeeded on the ensemble prediction (mean softmax of
+        ``logits [n, B, C]``): misclassified, or for a targeted call classified as the target
+        (``p̄_t − max_{j≠t} p̄_j``)."""
+        if call.target is not None and call.success_target:
+            return -ensemble_margin(logits, call.target)
+        return ensemble_margin(logits, y)
 
     def _sample_logits(self, x: torch.Tensor, call: _Call, seed: int, num_samples: int | None = None
                        ) -> torch.Tensor:
@@ -333,11 +466,11 @@ class Attack:
                              f"got max {int(y.max())}")
 
     def _margin(self, x: torch.Tensor, y: torch.Tensor, call: _Call, seed: int) -> torch.Tensor:
-        """Ensemble margin ``max_{j≠y} p̄_j − p̄_y`` over ``num_samples`` sample models from ``seed``
-        (> 0: the attack succeeded on that example)."""
+        """Ensemble margin ``max_{j≠y} p̄_j − p̄_y`` (targeted: ``p̄_t − max_{j≠t} p̄_j``) over
+        ``num_samples`` sample models from ``seed`` (> 0: the attack succeeded on that example)."""
         logits = self._sample_logits(x, call, seed)
         self._check_labels(y, logits.shape[-1])
-        return ensemble_margin(logits, y)
+        return self._success_margin(logits, y, call)
 
     def _random_start(self, x0: torch.Tensor, call: _Call) -> torch.Tensor:
         """A uniformly random point of the ε-ball around ``x0`` (ℓ∞: U(−ε, ε) per element; ℓ2: a
@@ -366,8 +499,9 @@ class Attack:
     def _with_restarts(self, x0: torch.Tensor, y: torch.Tensor, call: _Call, restarts: int, run) -> torch.Tensor:
         """Run ``run(x0, y, call)`` ``restarts`` times and keep, per example, the worst case for the
         model: the result with the highest ensemble margin (mean softmax over ``num_samples`` sample
-        models from one evaluation seed shared by all restarts; the fixed sample for eot='fixed').
-        Later restarts only attack the examples not yet misclassified."""
+        models from one evaluation seed shared by all restarts; the fixed sample for eot='fixed';
+        for a targeted call the margin of the target class). Later restarts only attack the examples
+        where the attack has not yet succeeded."""
         best = run(x0, y, call)
         if restarts == 1:
             return best
@@ -379,8 +513,9 @@ class Attack:
             idx = (best_margin <= 0).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            cand = run(x0[idx], y[idx], call)
-            margin = self._margin(cand, y[idx], call, eval_seed)
+            sub = call.subset(idx)
+            cand = run(x0[idx], y[idx], sub)
+            margin = self._margin(cand, y[idx], sub, eval_seed)
             better = margin > best_margin[idx]
             best[idx[better]] = cand[better]
             best_margin[idx[better]] = margin[better]

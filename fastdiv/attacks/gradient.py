@@ -3,6 +3,11 @@
 Each step gets the n sample models' input gradients from :func:`fastdiv.sample_input_grads` (one
 batched pass where the model supports it) and updates the batch with the fused
 :func:`fastdiv.eot_step` (mean gradient, sign or ℓ2 direction, projection, clip; MI-FGSM momentum).
+
+Every attack here has a targeted mode: ``atk(images, labels, target=t)`` descends the loss toward
+the target classes ``t`` (``−loss(logits, t)``; PGD-CW's hinge becomes ``min(z_t − max_{j≠t} z_j, κ)``),
+with the same EOT over sample models, and restarts count an example as done once the ensemble
+prediction is its target (see :class:`~fastdiv.attacks.Attack`).
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ __all__ = ["BIM", "FGM", "FGSM", "MIFGSM", "PGD", "PGDCW", "PGDL2", "RFGSM"]
 
 
 class _Iterative(Attack):
-    """Shared loop of the iterative attacks: ``steps`` EOT steps of size ``alpha`` from ``start``."""
+    """Shared loop of the iterative attacks: ``steps`` EOT steps of size ``alpha`` from ``start``
+    (toward ``call.target`` in targeted mode: :meth:`Attack._grads` picks the loss)."""
+
+    supports_target = True
 
     def _iterate(self, x: torch.Tensor, x0: torch.Tensor, y: torch.Tensor, call: _Call, *, alpha: float,
                  steps: int, loss, decay: float | None = None) -> torch.Tensor:

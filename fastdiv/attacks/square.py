@@ -6,6 +6,12 @@ random square window (side s, one random sign ±ε per channel) of the current b
 keep the change when the loss decreases. The window's area is a fraction p of the image that
 shrinks on the paper's schedule (p_init halved at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
 of 10,000 queries, rescaled to ``n_queries``). No gradients.
+
+On a randomized model under eot='mean' or 'one' every loss is a noisy estimate. Comparing a
+candidate with the incumbent's loss stored when it was accepted would compare against the minimum
+of many noisy estimates, biased low (a winner's curse), and the search would stall. So each query
+evaluates the incumbent and the candidate on the same fresh sample models (common random numbers)
+and keeps the candidate when it is better on those draws.
 """
 from __future__ import annotations
 
@@ -41,8 +47,14 @@ class Square(Attack):
 
     Args:
         eps: ℓ∞ radius (default 8/255).
-        n_queries: queries per example and restart, the initialization included (default 5000). One
-            query evaluates ``num_samples`` sample models (``eot_samples`` for eot='mean').
+        n_queries: queries per example and restart, the initialization included (default 5000): one
+            query per candidate evaluated, as the paper and AutoAttack count. A query evaluates
+            ``num_samples`` sample models (``eot_samples`` for eot='mean'). On a randomized model with
+            eot='mean' or 'one' each query after the first also re-evaluates the incumbent on the
+            same sample models, so it costs 2 * ``num_samples`` forward rows per example (at most
+            ``(2 * n_queries - 1) * num_samples`` per example and restart); on a deterministic model
+            or with eot='fixed' the stored loss is exact and a query costs ``num_samples`` (one
+            forward for a deterministic model).
         p_init: initial fraction of pixels changed per query (default 0.8, AutoAttack's; the paper
             uses 0.05 on ImageNet and 0.3/0.05 on MNIST/CIFAR).
         loss: 'margin' (default, ``z_y − max_{j≠y} z_j`` on the logits, minimized) or 'ce' (minimize
@@ -68,9 +80,9 @@ class Square(Attack):
         self.loss = _check_choice(loss, "loss", self.name, LOSSES)
         self.restarts = _check_int(restarts, "restarts", self.name)
 
-    def _query(self, x, y, call):
-        """(loss to minimize [B], ensemble margin [B] (> 0: fooled)) of one query."""
-        logits = self._sample_logits(x, call, self._step_seed(call))
+    def _query(self, x, y, call, seed):
+        """(loss to minimize [B], ensemble margin [B] (> 0: fooled)) on the sample models of ``seed``."""
+        logits = self._sample_logits(x, call, seed)
         self._check_labels(y, logits.shape[-1])
         n, b, c = logits.shape
         flat, ys = logits.reshape(n * b, c).to(torch.promote_types(logits.dtype, torch.float32)), y.repeat(n)
@@ -80,6 +92,22 @@ class Square(Attack):
             per = -torch.nn.functional.cross_entropy(flat, ys, reduction="none")
         return per.view(n, b).mean(0), ensemble_margin(logits, y)
 
+    def _judge(self, x_best, x_new, y, best_loss, call):
+        """``(incumbent loss, incumbent margin or None, candidate loss, candidate margin)`` [k] of one
+        query; the candidate replaces the incumbent where its loss is lower.
+
+        ``best_loss`` is the incumbent's stored loss, or None when it must be re-measured: then both
+        are evaluated on the sample models of one seed, in two forwards of equal batch size, so that
+        per-element noise (drawn per sample model and batch position) is shared too, not only
+        per-model draws as one forward over the stacked batch would share."""
+        seed = self._step_seed(call)
+        if best_loss is None:
+            best_loss, best_margin = self._query(x_best, y, call, seed)
+        else:
+            best_margin = None
+        new_loss, new_margin = self._query(x_new, y, call, seed)
+        return best_loss, best_margin, new_loss, new_margin
+
     def _once(self, x0, y, call):
         b, c, h, w = x0.shape
         if h < 2 or w < 2:
@@ -87,7 +115,9 @@ class Square(Attack):
         eps, rng = self.eps, call.rng
         stripes = torch.where(rng.uniform((b, c, 1, w), x0) < 0.5, -eps, eps).to(x0.dtype)
         x_best = (x0 + stripes).clamp(0, 1)
-        loss, margin = self._query(x_best, y, call)
+        loss, margin = self._query(x_best, y, call, self._step_seed(call))
+        # fresh sample models at every query: the stored loss is a noisy estimate, re-measure it
+        remeasure = self.eot != "fixed" and bool(call.randomness)
         rows = torch.arange(h, device=x0.device).view(1, 1, h, 1)
         cols = torch.arange(w, device=x0.device).view(1, 1, 1, w)
         for it in range(self.n_queries - 1):
@@ -111,8 +141,12 @@ class Square(Attack):
                 todo = todo[((cand - xb[todo]).abs() < 1e-7).flatten(1).all(1)]
                 if todo.numel() == 0:
                     break
-            new_loss, new_margin = self._query(x_new, y[idx], call)
-            better = new_loss < loss[idx]
+            best_loss, best_margin, new_loss, new_margin = self._judge(
+                xb, x_new, y[idx], None if remeasure else loss[idx], call)
+            better = new_loss < best_loss
+            if best_margin is not None:
+                # the stored values follow the incumbent's latest estimate (the stopping rule reads it)
+                loss[idx], margin[idx] = best_loss, best_margin
             loss[idx[better]] = new_loss[better]
             margin[idx[better]] = new_margin[better]
             x_best[idx[better]] = x_new[better]
