@@ -24,6 +24,7 @@ from fastdiv.evaluate import (
     parse_eps,
     validate_results,
 )
+from fastdiv.evaluate.protocols import PROTOCOLS
 from fastdiv.nn import BayesLinear, Ensemble
 
 #: settings small enough for a 2-core machine: a few steps, few samples, few examples
@@ -368,7 +369,7 @@ FLAG_SAMPLES = {"attacks": ("fgsm,PGD", ["fgsm", "pgd"]), "eps": ("0.1,8/255", [
                 "gaas_k": ("16", [16]), "curve_attack": ("fgsm", "fgsm"), "transfer_attack": ("fgsm", "fgsm"),
                 "limit": ("7", 7), "grad_examples": ("7", 7), "alpha_factor": ("0.5", 0.5),
                 "min_margin": ("0.05", 0.05), "stochastic": ("no", False), "model_mode": ("mc-dropout", "mc-dropout"),
-                "norm": ("Linf", "linf")}
+                "norm": ("Linf", "linf"), "protocol": ("autoattack-rand", "autoattack-rand")}
 
 
 def test_every_config_field_is_a_flag():
@@ -397,8 +398,10 @@ def test_every_config_field_is_a_flag():
         args = parse(["evaluate", "run", *argv])
         cfg = EvalConfig(**config_settings(args)).check(fastdiv.attacks.ATTACKS)
         assert getattr(cfg, f.name) == pytest.approx(expected), f.name
-        assert {k: v for k, v in vars(cfg).items() if k != f.name} == {
-            k: v for k, v in vars(defaults).items() if k != f.name}, f.name
+        # a protocol sets the fields it names, by design; every other field stays at its default
+        also = set(PROTOCOLS[expected].config) if f.name == "protocol" else set()
+        assert {k: v for k, v in vars(cfg).items() if k != f.name and k not in also} == {
+            k: v for k, v in vars(defaults).items() if k != f.name and k not in also}, f.name
     # no flags: exactly EvalConfig's defaults
     assert vars(EvalConfig(**config_settings(parse(["evaluate", "run"]))).check(fastdiv.attacks.ATTACKS)) == vars(
         defaults)

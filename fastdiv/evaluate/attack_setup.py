@@ -57,6 +57,10 @@ def attack_settings(name: str, *, eps: float, form: str | None, cfg: EvalConfig,
         wanted["model_mode"] = cfg.model_mode
     if cfg.norm != "linf":
         wanted["norm"] = cfg.norm
+    if cfg.protocol is not None and not class_defaults:
+        from .protocols import PROTOCOLS
+
+        wanted.update(PROTOCOLS[cfg.protocol].attack_settings.get(name, {}))
     if not class_defaults:
         wanted["steps"] = int(steps or cfg.steps)
         wanted["n_queries"] = int(cfg.square_queries)

@@ -87,6 +87,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-adv", default=None, metavar="DIR",
                    help="keep the adversarial examples of every table row, ε and repeat in DIR as .safetensors "
                         "(x_adv, y, index and the per-example flags; fastdiv.evaluate.load_adversarial reads them)")
+    p.add_argument("--list-protocols", action="store_true",
+                   help="print the named protocols of --protocol (attacks, budgets) and exit")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     flags = config_flags()
     for f in dataclasses.fields(EvalConfig):
@@ -139,6 +141,11 @@ def _own_model(args: argparse.Namespace, settings: dict, command: str | None) ->
 def _main(args: argparse.Namespace) -> int:
     from .run import evaluate
 
+    if args.list_protocols:
+        from .protocols import describe_protocols
+
+        print(describe_protocols())
+        return 0
     settings = config_settings(args)
     command = ("fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                if sys.argv[1:2] == ["evaluate"] else None)

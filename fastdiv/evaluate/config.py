@@ -128,12 +128,24 @@ class EvalConfig:
     model_mode: str = _field("eval", "mode the model runs in: eval, mc-dropout (eval with dropout active), train or "
                                      "keep")
     norm: str = _field("linf", "threat model: linf (the ℓ∞ ball) or l2 (the ℓ2 ball); sets the default attacks")
+    protocol: str | None = _field(None, "a named protocol (autoattack-standard, autoattack-rand, fastdiv-rand; see "
+                                        "--list-protocols): fixes the attacks and their budgets, runs them as a "
+                                        "cascade", shown="none")
 
     def check(self, attack_names: Sequence[str] | None = None) -> EvalConfig:
         """Normalizes and validates every field; raises ``ValueError`` naming the argument."""
         self.norm = self.norm.lower() if isinstance(self.norm, str) else self.norm
         if self.norm not in NORMS:
             raise ValueError(f"norm: must be one of {NORMS} (any case), got {self.norm!r}")
+        if self.protocol is not None:
+            from .protocols import PROTOCOLS
+
+            if self.protocol not in PROTOCOLS:
+                raise ValueError(f"protocol: unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}")
+            for field, value in PROTOCOLS[self.protocol].config.items():
+                setattr(self, field, value)
+            if self.norm == "l2":  # fastdiv's Square searches the ℓ∞ ball only
+                self.attacks = tuple(a for a in self.attacks if a != "square")
         for field, default in NORM_DEFAULTS[self.norm].items():
             if getattr(self, field) is None:
                 setattr(self, field, default)

@@ -52,6 +52,7 @@ RESULTS_SCHEMA = {
         "device": {"type": "string"}, "world_size": {"type": "integer", "minimum": 1},
         "command": {"type": ["string", "null"]},
         "run": {"type": ["object", "null"]},
+        "protocol": {"type": ["object", "null"], "required": ["name", "description", "cascade", "config"]},
         "model": {"type": "object", "required": ["name", "class", "stochastic", "members", "parameters"],
                   "properties": {"name": {"type": "string"}, "class": {"type": "string"},
                                  "stochastic": {"type": "boolean"}, "randomness": {"type": "string"},

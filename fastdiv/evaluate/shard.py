@@ -47,6 +47,7 @@ class RowResult:
     spec: RowSpec
     flags: Predictions
     settings: list[dict]
+    seconds: float = 0.0  #: wall time of the row (every ε and repeat) on this rank
 
 
 @dataclasses.dataclass

@@ -104,18 +104,22 @@ class Context:
         """(number of ε, repeats, examples of this shard)."""
         return len(self.cfg.eps), self.cfg.repeats, self.x.shape[0]
 
-    def predict(self, x: torch.Tensor, repeat: int) -> Predictions:
-        """Ensemble and worst-case correctness (on the CPU) of ``x``, this shard's examples or their
-        adversarial versions, by the ensemble of sample models of ``repeat``."""
+    def predict(self, x: torch.Tensor, repeat: int, sel: torch.Tensor | None = None) -> Predictions:
+        """Ensemble and worst-case correctness (on the CPU) of ``x``, this shard's examples (or those at
+        positions ``sel``) or their adversarial versions, by the ensemble of sample models of ``repeat``."""
         cfg = self.cfg
-        ens, worst = A.predict_correct(self.model, x, self.y, cfg.ensemble_samples, A.derive_seed(cfg.seed, 13, repeat),
+        y = self.y if sel is None else self.y[sel]
+        ens, worst = A.predict_correct(self.model, x, y, cfg.ensemble_samples, A.derive_seed(cfg.seed, 13, repeat),
                                        batch_size=4 * cfg.batch_size, stochastic=self.randomness)
         return Predictions(ens.cpu(), worst.cpu())
 
-    def attack(self, name: str, form: str | None, eps: float, seed: int, **kw) -> tuple[torch.Tensor, dict]:
-        """``(x_adv, settings)``: attack ``name`` in ``form`` at ``eps`` on the whole shard, in batches."""
+    def attack(self, name: str, form: str | None, eps: float, seed: int, sel: torch.Tensor | None = None,
+               **kw) -> tuple[torch.Tensor, dict]:
+        """``(x_adv, settings)``: attack ``name`` in ``form`` at ``eps`` on the whole shard (or the examples
+        at positions ``sel``), in batches."""
         settings = attack_settings(name, eps=eps, form=form, cfg=self.cfg, **kw)
-        x_adv = _batches(lambda: build_attack(name, self.model, settings, seed), self.x, self.y, self.cfg.batch_size)
+        x, y = (self.x, self.y) if sel is None else (self.x[sel], self.y[sel])
+        x_adv = _batches(lambda: build_attack(name, self.model, settings, seed), x, y, self.cfg.batch_size)
         return x_adv, settings
 
 
@@ -127,30 +131,56 @@ def clean_accuracy(ctx: Context) -> Predictions:
     return Predictions(torch.stack([p.ensemble for p in preds]), torch.stack([p.worst for p in preds]))
 
 
-def attack_row(ctx: Context, spec: RowSpec, row: int) -> RowResult:
-    """One row of the table: its attack at every ε, once per repeat."""
+def attack_row(ctx: Context, spec: RowSpec, row: int, alive: torch.Tensor | None = None) -> RowResult:
+    """One row of the table: its attack at every ε, once per repeat. ``alive`` ``[E, R, N]`` (a protocol's
+    cascade): attack only the examples still correct there; the others count as broken already."""
     cfg = ctx.cfg
     E, R, N = ctx.shape
     flags = Predictions(torch.zeros(E, R, N, dtype=torch.bool), torch.zeros(E, R, N, dtype=torch.bool))
     settings = []
+    t0 = time.perf_counter()
     for ei, eps in enumerate(cfg.eps):
         ctx.progress.stage(f"{spec.label} ε={eps:g}")
         for r in range(R):
-            x_adv, s = ctx.attack(spec.attack, spec.form, eps, A.derive_seed(cfg.seed, 11, r, row, ei))
-            p = ctx.predict(x_adv, r)
-            flags.ensemble[ei, r], flags.worst[ei, r] = p.ensemble, p.worst
+            sel = None if alive is None else alive[ei, r].nonzero().flatten()
+            on = None if sel is None else sel.to(ctx.x.device)
+            x_adv, s = ctx.attack(spec.attack, spec.form, eps, A.derive_seed(cfg.seed, 11, r, row, ei), sel=on)
+            p = ctx.predict(x_adv, r, sel=on)
+            if sel is None:
+                flags.ensemble[ei, r], flags.worst[ei, r] = p.ensemble, p.worst
+            else:
+                flags.ensemble[ei, r, sel], flags.worst[ei, r, sel] = p.ensemble, p.worst
             if ctx.save_adv is not None:
                 shard = f".rank{ctx.rank}" if ctx.world > 1 else ""
                 name = f"{spec.key.replace('/', '-')}_eps{ei}_r{r}{shard}.safetensors"
-                save_adversarial(ctx.save_adv / name, x_adv=x_adv, y=ctx.y,
-                                 index=ctx.index, ensemble_correct=p.ensemble, worst_correct=p.worst,
+                save_adversarial(ctx.save_adv / name, x_adv=x_adv, y=ctx.y if on is None else ctx.y[on],
+                                 index=ctx.index if sel is None else ctx.index[sel],
+                                 ensemble_correct=p.ensemble, worst_correct=p.worst,
                                  info={"attack": spec.attack, "form": spec.form, "label": spec.label, "eps": eps,
                                        "repeat": r, "settings": s, "ensemble_samples": cfg.ensemble_samples,
                                        "prediction_seed": A.derive_seed(cfg.seed, 13, r),
                                        "stochastic": ctx.stochastic, "model_mode": cfg.model_mode})
             ctx.progress.update()
         settings.append(s)
-    return RowResult(spec, flags, settings)
+    return RowResult(spec, flags, settings, seconds=time.perf_counter() - t0)
+
+
+def table(ctx: Context, specs: list[RowSpec], clean: Predictions) -> list[RowResult]:
+    """Every row of the table; under a protocol, as its cascade: each row attacks only the examples that the
+    clean prediction and every earlier row left correct (AutoAttack's order and accounting)."""
+    if ctx.cfg.protocol is None:
+        return [attack_row(ctx, spec, i) for i, spec in enumerate(specs)]
+    E = len(ctx.cfg.eps)
+    alive = clean.ensemble.unsqueeze(0).expand(E, -1, -1).clone()
+    rows = []
+    for i, spec in enumerate(specs):
+        result = attack_row(ctx, spec, i, alive)
+        # cumulative, as AutoAttack reports after each attack: broken by this row or any before
+        result.flags.ensemble &= alive
+        result.flags.worst &= alive
+        alive = result.flags.ensemble.clone()
+        rows.append(result)
+    return rows
 
 
 def curve_points(ctx: Context, extra_eps: list[float]) -> list[CurvePoint]:
@@ -356,7 +386,7 @@ def run_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.T
 
     try:
         out.clean = timed("clean_s", clean_accuracy, ctx)
-        out.rows = timed("table_s", lambda: [attack_row(ctx, spec, i) for i, spec in enumerate(specs)])
+        out.rows = timed("table_s", table, ctx, specs, out.clean)
         out.curve = timed("curve_s", curve_points, ctx, curve_extra)
         if cfg.checklist:
             out.checklist = timed("checklist_s", checklist_runs, ctx, out.rows)

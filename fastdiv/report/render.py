@@ -81,6 +81,13 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
         info.append(f"command: `{results['command']}`")
     if m.get("randomness"):
         info.insert(1, f"randomness: {m['randomness']}")
+    if results.get("protocol"):
+        p = results["protocol"]
+        timing = results.get("timing", {})
+        seconds = [(r["label"], timing.get("table_" + r["key"] + "_s")) for r in results["table"]["rows"]]
+        times = ", ".join(f"{label} {s:.0f} s" for label, s in seconds if s is not None)
+        info.insert(0, f"protocol: **{p['name']}**: {p['description']}; each row counts what it and every row "
+                       f"above it broke (time per attack: {times})")
     md.bullets(info)
 
     md.heading("Robust accuracy (%)", h + 1)
