@@ -11,7 +11,7 @@ from torch import nn
 
 import fastdiv
 from fastdiv.attacks import Square
-from fastdiv.attacks.base import _other_max, ensemble_margin
+from fastdiv.attacks.losses import _other_max, ensemble_margin
 from fastdiv.attacks.square import p_selection
 from fastdiv.grads import sample_logits
 

@@ -12,19 +12,10 @@ Every gradient attack gets the n sample models' input gradients from one
 the classes.
 """
 from .apgd import APGD, APGDDLR, APGDT, apgd_checkpoints
-from .base import (
-    EOT_MODES,
-    MODEL_MODES,
-    NORMS,
-    Attack,
-    cw_loss,
-    dlr_loss,
-    dlr_targeted_loss,
-    ensemble_margin,
-    targeted_loss,
-)
+from .base import EOT_MODES, MODEL_MODES, NORMS, Attack
 from .fab import FAB, fab_projection
 from .gradient import BIM, FGM, FGSM, MIFGSM, PGD, PGDCW, PGDL2, RFGSM
+from .losses import cw_loss, dlr_loss, dlr_targeted_loss, ensemble_margin, targeted_loss
 from .square import Square, p_selection
 from .transfer import SurrogateEnsemble, TransferAttack
 

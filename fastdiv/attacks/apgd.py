@@ -44,10 +44,8 @@ from .base import (
     _check_choice,
     _check_int,
     _check_number,
-    dlr_loss,
-    ensemble_margin,
-    mean_sample_loss,
 )
+from .losses import dlr_loss, ensemble_margin, mean_sample_loss
 
 __all__ = ["APGD", "APGDDLR", "APGDT", "apgd_checkpoints"]
 
@@ -181,7 +179,7 @@ class APGDDLR(APGD):
 
 class APGDT(APGD):
     """APGD-T: :class:`APGD` on the targeted DLR loss ``−(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e−12)``
-    (Croce & Hein, ICML 2020, arXiv:2003.01690, §4; :class:`~fastdiv.attacks.base.dlr_targeted_loss`),
+    (Croce & Hein, ICML 2020, arXiv:2003.01690, §4; :class:`~fastdiv.attacks.losses.dlr_targeted_loss`),
     run for the top runner-up classes in turn, as AutoAttack's APGD-T.
 
     For target rank r = 1, ..., ``n_target_classes`` (r = 1: the class with the second highest

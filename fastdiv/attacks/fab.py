@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from .base import Attack, _check_choice, _check_int, _check_number, ensemble_margin
+from .base import Attack, _check_choice, _check_int, _check_number
+from .losses import ensemble_margin
 
 __all__ = ["FAB", "fab_projection"]
 

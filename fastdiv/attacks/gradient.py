@@ -21,8 +21,8 @@ from .base import (
     _check_int,
     _check_loss,
     _check_number,
-    cw_loss,
 )
+from .losses import cw_loss
 
 __all__ = ["BIM", "FGM", "FGSM", "MIFGSM", "PGD", "PGDCW", "PGDL2", "RFGSM"]
 

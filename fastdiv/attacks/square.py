@@ -24,9 +24,8 @@ from .base import (
     _check_choice,
     _check_int,
     _check_number,
-    _other_max,
-    ensemble_margin,
 )
+from .losses import _other_max, ensemble_margin
 
 __all__ = ["Square", "p_selection"]
 
