@@ -20,7 +20,7 @@ The modules: :mod:`.predict` (seeds, members, sample logits, predictions), :mod:
 :mod:`.checklist` (the obfuscation checklist and its random search). Every name is importable from
 ``fastdiv.analysis``.
 """
-from ..nn.sampling import is_stochastic
+from ..nn.randomness import is_stochastic
 from .checklist import (
     BLACK_BOX_ATTACKS,
     ITERATIVE_ATTACKS,

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..grads import sample_input_grads
 from ..losses import concentration_stats
-from ..nn.sampling import is_stochastic
+from ..nn.randomness import is_stochastic
 from .predict import _chunks, derive_seed, predict_correct
 
 #: The per-example concentration statistics, in report order (names of :class:`fastdiv.ConcentrationStats`

@@ -29,8 +29,8 @@ from torch import nn
 from .._seeds import mix_seed
 from .sampling import has_unseeded_randomness, is_randomized, sampling
 
-__all__ = ["MODEL_MODES", "PROBE_EXAMPLES", "Randomness", "detect_randomness", "model_mode", "one_sample",
-           "seeded_global_rng"]
+__all__ = ["MODEL_MODES", "PROBE_EXAMPLES", "Randomness", "detect_randomness", "is_stochastic", "model_mode",
+           "one_sample", "seeded_global_rng"]
 
 #: How a model is run during an attack or an evaluation (see :func:`model_mode`).
 MODEL_MODES = ("eval", "train", "keep", "mc-dropout")
@@ -149,6 +149,15 @@ def _probe(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[bool, float]:
     a, b = a.double().nan_to_num(), b.double().nan_to_num()
     diff = float((a - b).abs().max()) if a.numel() else 0.0
     return diff > _PROBE_TOLERANCE * (1.0 + (float(a.abs().max()) if a.numel() else 0.0)), diff
+
+
+def is_stochastic(model: nn.Module, x: torch.Tensor | None = None) -> bool:
+    """Whether ``model``'s output depends on random draws: it contains a fastdiv randomized layer or an
+    active torch dropout layer, or, given a batch ``x``, two forwards of its first examples differ
+    (randomness drawn inside ``forward`` from the global RNG; :func:`detect_randomness` also says why)."""
+    if x is None:
+        return is_randomized(model) or has_unseeded_randomness(model)
+    return detect_randomness(model, x).stochastic
 
 
 def _probed(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[bool, float]:

@@ -37,8 +37,8 @@ from torch import nn
 from .._seeds import mix_seed
 
 __all__ = [
-    "RandomizedModule", "SampleState", "frozen_sample", "has_unseeded_randomness", "is_randomized", "is_stochastic",
-    "sample_models", "sampling", "supports_batched",
+    "RandomizedModule", "SampleState", "frozen_sample", "has_unseeded_randomness", "is_randomized", "sample_models",
+    "sampling", "supports_batched",
 ]
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +134,6 @@ _UNSEEDED_RANDOM = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alp
 def has_unseeded_randomness(model: nn.Module) -> bool:
     """Whether ``model`` has an active torch dropout layer: randomness the sampling contexts cannot seed."""
     return any(isinstance(m, _UNSEEDED_RANDOM) and m.training and m.p > 0 for m in model.modules())
-
-
-def is_stochastic(model: nn.Module, x: torch.Tensor | None = None) -> bool:
-    """Whether ``model``'s output depends on random draws: it contains a :class:`RandomizedModule`
-    or an active torch dropout layer, or, given a batch ``x``, two forwards of its first examples
-    differ (randomness drawn inside ``forward`` from the global RNG; see
-    :func:`fastdiv.nn.detect_randomness`, which also says why)."""
-    if x is None:
-        return is_randomized(model) or has_unseeded_randomness(model)
-    from .randomness import detect_randomness  # it builds on this module
-
-    return detect_randomness(model, x).stochastic
 
 
 def supports_batched(model: nn.Module) -> bool:

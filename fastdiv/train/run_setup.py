@@ -16,7 +16,7 @@ from torch import nn
 
 from .._seeds import mix_seed
 from ..analysis import members_of
-from ..nn.sampling import is_stochastic
+from ..nn.randomness import is_stochastic
 from ..runtime import atomic_write_text, resolve_device, seed_globals, setup_ranks
 from . import streams
 from .checkpoint import TrainingCheckpoint, truncate_metrics
