@@ -83,6 +83,18 @@ def noisy_mlp(sigma: float = 0.3) -> nn.Module:
     return nn.Sequential(Noise(sigma), mlp[0], mlp[1], mlp[2], Noise(sigma), mlp[3])
 
 
+class Counting(nn.Module):
+    """``inner``, counting the input rows of its forwards (queries of a score-based attack)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.inner(x)
+
+
 def test_batch(n=12, offset=0):
     _, (x, y) = digits()
     return x[offset:offset + n].clone(), y[offset:offset + n].clone()
@@ -492,15 +504,6 @@ def test_apgd_at_least_as_strong_as_its_start_and_pgd():
 def test_square_schedule_and_budget():
     assert p_selection(0.8, 0, 10000) == 0.8 and p_selection(0.8, 11, 10000) == 0.4
     assert p_selection(0.8, 9000, 10000) == 0.8 / 512 and p_selection(0.8, 50, 100) == 0.8 / 128
-
-    class Counting(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.rows = inner, 0
-
-        def forward(self, x):
-            self.rows += x.shape[0]
-            return self.inner(x)
 
     model = Counting(trained_mlp())
     x, y = test_batch(10)

@@ -15,7 +15,7 @@ from fastdiv.attacks.losses import _other_max, ensemble_margin
 from fastdiv.attacks.square import p_selection
 from fastdiv.grads import sample_logits
 
-from test_attacks import noisy_mlp, test_batch, trained_mlp
+from test_attacks import Counting, noisy_mlp, test_batch, trained_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
@@ -169,15 +169,6 @@ def test_incumbent_and_candidate_share_the_sample_models(strategy):
 def test_query_cost_under_eot():
     """n_queries counts candidates; under EOT each query after the start also re-evaluates the
     incumbent: at most (2 n_queries − 1) · eot_samples forward rows per example."""
-
-    class Counting(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.rows = inner, 0
-
-        def forward(self, x):
-            self.rows += x.shape[0]
-            return self.inner(x)
 
     # a noisy linear model that always predicts class 0 by a wide margin: nothing is ever fooled, so
     # every query is spent and the bound is reached exactly

@@ -7,26 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..nn.randomness import Randomness, seeded_global_rng
+from ..nn.randomness import Randomness, reseeded_before_every_forward
 from ..nn.sampling import frozen_sample
 from .predict import derive_seed
-
-
-@contextlib.contextmanager
-def _reseeded_before_every_forward(model: nn.Module, seed: int, device: torch.device):
-    """The global RNG seeded with ``seed`` before each forward of ``model``, restored after the block."""
-    def reseed(module, args):
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-
-    with seeded_global_rng(seed, device):
-        handle = model.register_forward_pre_hook(reseed)
-        try:
-            yield
-        finally:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -41,7 +24,7 @@ def _pinned(model: nn.Module, members: list[nn.Module] | None, index: int, seed:
         return
     pin_seed = derive_seed(seed, 3, index)
     with frozen_sample(model, seed=pin_seed), (
-            _reseeded_before_every_forward(model, pin_seed, device) if randomness is not None and randomness.global_rng
+            reseeded_before_every_forward(model, pin_seed, device) if randomness is not None and randomness.global_rng
             else contextlib.nullcontext()):
         yield model
 

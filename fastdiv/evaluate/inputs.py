@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attacks.base import RANGE_TOLERANCE  # the attacks' own bound: data they would refuse is refused here
+
 __all__ = ["EvalInputError", "as_xy", "check_images", "check_logits", "load_data_file", "load_factory",
            "load_weights"]
-
-#: how far outside [0, 1] an image may lie (float rounding of a conversion) before it is refused
-_RANGE_SLACK = 1e-6
 
 
 class EvalInputError(ValueError):
@@ -184,7 +183,7 @@ def check_images(x: torch.Tensor, y: torch.Tensor, what: str = "data") -> tuple[
         raise EvalInputError(f"{what}: labels must have shape [{x.shape[0]}] (one per image), got {tuple(y.shape)}")
     if x.numel():
         lo, hi = float(x.min()), float(x.max())
-        if not (lo >= -_RANGE_SLACK and hi <= 1 + _RANGE_SLACK):
+        if not (lo >= -RANGE_TOLERANCE and hi <= 1 + RANGE_TOLERANCE):
             raise EvalInputError(f"{what}: images must lie in [0, 1] (the attacks perturb and clip there; put any "
                                  f"normalization inside the model, e.g. fastdiv.nn.Normalize), got values in "
                                  f"[{lo:g}, {hi:g}]")

@@ -30,7 +30,7 @@ from .._seeds import mix_seed
 from .sampling import has_unseeded_randomness, is_randomized, sampling
 
 __all__ = ["MODEL_MODES", "PROBE_EXAMPLES", "Randomness", "detect_randomness", "is_stochastic", "model_mode",
-           "one_sample", "seeded_global_rng"]
+           "one_sample", "reseeded_before_every_forward", "seeded_global_rng"]
 
 #: How a model is run during an attack or an evaluation (see :func:`model_mode`).
 MODEL_MODES = ("eval", "train", "keep", "mc-dropout")
@@ -69,19 +69,44 @@ class Randomness:
         return self.stochastic
 
 
+def _cuda_indices(device: torch.device | str | None) -> list[int]:
+    """The CUDA device index of ``device`` as a one-element list, or [] for a CPU device."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _seed_global(seed: int, cuda: list[int]) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    for index in cuda:
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def seeded_global_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Inside the block the global RNG of the CPU (and of ``device`` if it is a CUDA device) is seeded
     with ``seed``; afterwards both are back in the state they had, as if the block had drawn nothing."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    cuda = _cuda_indices(device)
     with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
+        _seed_global(seed, cuda)
         yield
+
+
+@contextlib.contextmanager
+def reseeded_before_every_forward(model: nn.Module, seed: int,
+                                  device: torch.device | str | None = None) -> Iterator[None]:
+    """As :func:`seeded_global_rng`, and the global RNG seeded with ``seed`` again before every forward of
+    ``model``: a model that draws from it is pinned to one sample model (draws made once per forward, such
+    as another library's Bayesian weights, exactly; per-element draws for each batch size)."""
+    cuda = _cuda_indices(device)
+    with seeded_global_rng(seed, device):
+        handle = model.register_forward_pre_hook(lambda module, args: _seed_global(seed, cuda))
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @contextlib.contextmanager
