@@ -8,7 +8,7 @@ batched path is tested against: both give the same gradients for the same seed.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from .nn.randomness import Randomness, detect_randomness, one_sample
 from .nn.sampling import sampling, supports_batched
 
 __all__ = ["LOSSES", "STRATEGIES", "per_example_loss", "resolve_seed", "resolve_strategy",
-           "sample_input_grads", "sample_logits"]
+           "sample_input_grads", "sample_logits", "sample_logits_of"]
 
 STRATEGIES = ("auto", "batched", "loop")
 LOSSES = ("ce", "logit", "cw")
@@ -138,20 +138,36 @@ def sample_logits(model: nn.Module, x: torch.Tensor, num_samples: int, *, seed: 
     """Logits ``[n, B, C]`` of ``num_samples`` sample models drawn from ``seed``, without gradient: one
     forward over the replicated batch or n forwards (``strategy`` as in :func:`sample_input_grads`); a
     deterministic model is evaluated once and its logits expanded."""
+    return sample_logits_of(model, (x,), num_samples, seed=seed, strategy=strategy, stochastic=stochastic, fn=fn)[0]
+
+
+def sample_logits_of(model: nn.Module, inputs: Sequence[torch.Tensor], num_samples: int, *, seed: int,
+                     strategy: str = "auto", stochastic: bool | Randomness | None = None,
+                     fn: str = "sample_logits") -> list[torch.Tensor]:
+    """:func:`sample_logits` of each of ``inputs`` on the same sample models (one forward per input, so
+    that noise drawn per batch position is shared too between inputs of equal batch size): one
+    ``[n, B_i, C]`` per input. fastdiv's layers draw each sample model's weights once for all inputs."""
+    x = inputs[0]
     randomness = detect_randomness(model, x, stochastic=stochastic)
-    n, batch = num_samples, x.shape[0]
+    n = num_samples
     with torch.no_grad():
         if not randomness:
-            return _logits(model, x, fn).unsqueeze(0).expand(n, -1, -1)
+            return [_logits(model, xi, fn).unsqueeze(0).expand(n, -1, -1) for xi in inputs]
         if resolve_strategy(model, x, strategy, fn, randomness) == "batched":
             with sampling(model, n, seed):
-                out = _logits(model, x.repeat(n, *([1] * (x.dim() - 1))), fn)
-            return out.view(n, batch, -1)
-        parts = []
+                return [_logits(model, xi.repeat(n, *([1] * (xi.dim() - 1))), fn).view(n, xi.shape[0], -1)
+                        for xi in inputs]
+        parts = [[] for _ in inputs]
         for s in range(n):
-            with one_sample(model, n, seed, s, randomness, x.device):
-                parts.append(_logits(model, x, fn))
-        return torch.stack(parts)
+            if randomness.global_rng:  # the global RNG is re-seeded for each input: the same draws for each
+                for part, xi in zip(parts, inputs):
+                    with one_sample(model, n, seed, s, randomness, xi.device):
+                        part.append(_logits(model, xi, fn))
+            else:
+                with one_sample(model, n, seed, s, randomness, x.device):
+                    for part, xi in zip(parts, inputs):
+                        part.append(_logits(model, xi, fn))
+        return [torch.stack(part) for part in parts]
 
 
 def sample_input_grads(

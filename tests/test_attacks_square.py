@@ -151,14 +151,15 @@ def test_incumbent_and_candidate_share_the_sample_models(strategy):
     model = noise_model(0.5)
     x, y = test_batch(16)
     atk = Square(model, eps=0.02, n_queries=4, eot="mean", eot_samples=4, seed=0, strategy=strategy)
-    seen = []  # (seed, batch size) of every query's forward
-    query = atk._query
-    atk._query = lambda x_, y_, call, seed: seen.append((seed, x_.shape[0])) or query(x_, y_, call, seed)
+    seen = []  # (seed, batch size of each input) of every scoring call
+    real = atk._sample_logits_of
+    atk._sample_logits_of = lambda inputs, call, seed, n=None: (
+        seen.append((seed, [t.shape[0] for t in inputs])) or real(inputs, call, seed, n))
     atk(x, y)
-    start, pairs = seen[0], list(zip(seen[1::2], seen[2::2]))
-    assert len(seen) % 2 == 1 and len(pairs) >= 1
-    assert all(inc == cand for inc, cand in pairs)  # same seed, same batch size
-    assert len({start[0], *(inc[0] for inc, _ in pairs)}) == 1 + len(pairs)  # fresh seed per query
+    start, pairs = seen[0], seen[1:]
+    assert len(start[1]) == 1 and len(pairs) >= 1
+    assert all(len(sizes) == 2 and sizes[0] == sizes[1] for _, sizes in pairs)  # one seed, equal batch sizes
+    assert len({start[0], *(seed for seed, _ in pairs)}) == 1 + len(pairs)  # fresh seed per query
     with fastdiv.nn.model_mode(model, "eval"):
         a = sample_logits(model, x, 4, seed=1234, strategy=strategy, stochastic=True)
         b = sample_logits(model, x.clone(), 4, seed=1234, strategy=strategy, stochastic=True)

@@ -276,3 +276,28 @@ def test_inputs_not_modified_and_model_unchanged():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["loop", "batched"])
+def test_sample_logits_of_several_inputs_equals_one_call_each(strategy):
+    """Several inputs on the same sample models: what one sample_logits call per input gives."""
+    from fastdiv.grads import sample_logits, sample_logits_of
+
+    model = noise_mlp()
+    xa, _ = data(seed=1)
+    xb, _ = data(seed=2)
+    both = sample_logits_of(model, (xa, xb), 4, seed=5, strategy=strategy)
+    for got, x in zip(both, (xa, xb)):
+        torch.testing.assert_close(got, sample_logits(model, x, 4, seed=5, strategy=strategy), rtol=0, atol=0)
+
+
+def test_sample_logits_of_a_global_rng_model_reseeds_per_input():
+    """A model drawing from the global RNG sees the same draws for each input, as separate calls do."""
+    from fastdiv.grads import sample_logits, sample_logits_of
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    a, b = sample_logits_of(model, (x, x.clone()), 3, seed=2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, sample_logits(model, x, 3, seed=2), rtol=0, atol=0)

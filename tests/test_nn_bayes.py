@@ -16,6 +16,7 @@ from fastdiv.nn import (
     BayesConv2d,
     BayesLinear,
     NoiseInjection,
+    RandomizedModule,
     frozen_sample,
     kl_divergence,
     sample_models,
@@ -433,3 +434,57 @@ def test_bad_inputs():
             layer(torch.rand(4, 4))
         with pytest.raises(ValueError, match="must be 3 \\* batch"):
             noise(torch.rand(4, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Draws reused within one sampling block (SampleState.memo)
+# --------------------------------------------------------------------------------------------------
+
+
+def _bayes_noise_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomize(nn.Sequential(BayesLinear(5, 7), NoiseInjection(0.3), nn.Tanh(), BayesLinear(7, 3))).double()
+
+
+@pytest.mark.parametrize("index", [None, 2])
+def test_a_second_forward_in_one_block_reuses_the_draws(monkeypatch, index):
+    """Two no-grad forwards under one sampling state draw each layer's noise once and give what two
+    separate blocks give (the draws are a function of the state)."""
+    net, x = _bayes_noise_net(), torch.randn(4, 5, dtype=torch.float64)
+    rows = x.repeat(3, 1) if index is None else x
+    with torch.no_grad(), sampling(net, 3, 9, index=index):
+        expected = net(rows)
+    calls = []
+    real = RandomizedModule._draw_samples
+    monkeypatch.setattr(RandomizedModule, "_draw_samples", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad(), sampling(net, 3, 9, index=index):
+        first, second = net(rows), net(rows)
+    assert len(calls) == 5  # two weights + two biases + one noise draw, for both forwards
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_reused_weights_follow_a_parameter_change_and_never_carry_a_graph():
+    net, x = _bayes_noise_net(), torch.randn(4, 5, dtype=torch.float64)
+    with sampling(net, 2, 1, index=0):
+        with torch.no_grad():
+            before = net(x)
+            net[3].weight_mu.add_(1.0)  # an in-place update bumps the version: the weight is drawn again
+            after = net(x)
+        assert not torch.equal(before, after)
+        # with a graph the weights are drawn per forward: two backward passes through two forwards work
+        for _ in range(2):
+            net(x).sum().backward()
+    with torch.no_grad(), sampling(net, 2, 1, index=0):
+        torch.testing.assert_close(net(x), after, rtol=0, atol=0)
+    assert net[3].weight_mu.grad is not None
+
+
+def test_frozen_sample_reuses_its_draws_across_batch_sizes_of_the_same_shape():
+    net = _bayes_noise_net()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    with torch.no_grad(), frozen_sample(net, seed=3):
+        a, b = net(x), net(x[:2])
+        c = net(x)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert b.shape == (2, 3)

@@ -15,13 +15,14 @@ call (so a call is reproducible), or from the global RNG when ``seed`` is None.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..grads import STRATEGIES, resolve_seed, sample_input_grads, sample_logits
+from ..grads import STRATEGIES, resolve_seed, sample_input_grads, sample_logits_of
 from ..nn.randomness import MODEL_MODES, Randomness, detect_randomness, model_mode
 from .losses import ensemble_margin, targeted_loss
 
@@ -140,6 +141,21 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 # The base class
 # ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """The model's parameters stop requiring gradients inside the block (restored after, each as it was):
+    an attack differentiates with respect to its input only, so the forwards need not record the
+    parameters' part of the graph (a Bayesian layer's weight sampling, for one)."""
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in previous:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
 
 
 class Attack:
@@ -283,7 +299,7 @@ class Attack:
         device = _model_device(self.model, images.device)
         x0 = images.detach().to(device)
         y = labels.detach().to(device=device, dtype=torch.long)
-        with model_mode(self.model, self.model_mode):
+        with model_mode(self.model, self.model_mode), _input_gradients_only(self.model):
             randomness = detect_randomness(self.model, x0, stochastic=self.stochastic)
             rng = _Rng(self.seed)
             # drawn first in every mode, so that the random starts of all modes agree
@@ -347,9 +363,14 @@ class Attack:
                        ) -> torch.Tensor:
         """Logits ``[n, B, C]`` of n sample models drawn from ``seed`` (no gradient): one forward over
         the replicated batch or n forwards, chosen by ``strategy`` as sample_input_grads does."""
+        return self._sample_logits_of((x,), call, seed, num_samples)[0]
+
+    def _sample_logits_of(self, inputs, call: _Call, seed: int, num_samples: int | None = None
+                          ) -> list[torch.Tensor]:
+        """:meth:`_sample_logits` of each of ``inputs`` on the same sample models (weights drawn once)."""
         n = self.num_samples if num_samples is None else num_samples
-        return sample_logits(self.model, x, n, seed=seed, strategy=self.strategy, stochastic=call.randomness,
-                             fn=self.name)
+        return sample_logits_of(self.model, inputs, n, seed=seed, strategy=self.strategy,
+                                stochastic=call.randomness, fn=self.name)
 
     def _check_labels(self, y: torch.Tensor, classes: int) -> None:
         if y.numel() and int(y.max()) >= classes:

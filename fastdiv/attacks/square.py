@@ -81,7 +81,10 @@ class Square(Attack):
 
     def _query(self, x, y, call, seed):
         """(loss to minimize [B], ensemble margin [B] (> 0: fooled)) on the sample models of ``seed``."""
-        logits = self._sample_logits(x, call, seed)
+        return self._score(self._sample_logits(x, call, seed), y)
+
+    def _score(self, logits, y):
+        """(loss to minimize [B], ensemble margin [B]) of sample logits ``[n, B, C]``."""
         self._check_labels(y, logits.shape[-1])
         n, b, c = logits.shape
         flat, ys = logits.reshape(n * b, c).to(torch.promote_types(logits.dtype, torch.float32)), y.repeat(n)
@@ -98,13 +101,15 @@ class Square(Attack):
         ``best_loss`` is the incumbent's stored loss, or None when it must be re-measured: then both
         are evaluated on the sample models of one seed, in two forwards of equal batch size, so that
         per-element noise (drawn per sample model and batch position) is shared too, not only
-        per-model draws as one forward over the stacked batch would share."""
+        per-model draws as one forward over the stacked batch would share; each sample model's weights
+        are drawn once for both."""
         seed = self._step_seed(call)
         if best_loss is None:
-            best_loss, best_margin = self._query(x_best, y, call, seed)
+            best_logits, new_logits = self._sample_logits_of((x_best, x_new), call, seed)
+            best_loss, best_margin = self._score(best_logits, y)
         else:
-            best_margin = None
-        new_loss, new_margin = self._query(x_new, y, call, seed)
+            best_margin, new_logits = None, self._sample_logits(x_new, call, seed)
+        new_loss, new_margin = self._score(new_logits, y)
         return best_loss, best_margin, new_loss, new_margin
 
     def _once(self, x0, y, call):

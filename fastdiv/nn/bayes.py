@@ -76,8 +76,20 @@ class BayesianLayer(RandomizedModule):
         """``[k, *shape]`` draws ``mu + exp(log_sigma) * eps`` of Gaussian parameter ``name``, one per
         active sample model (``k = self.active_samples()``)."""
         mu, log_sigma = getattr(self, f"{name}_mu"), getattr(self, f"{name}_log_sigma")
+        state = self.sample_state()
+        # a draw without a graph is reused by later forwards under the same sampling state (see
+        # SampleState.memo) while the parameters are unchanged (their version counters)
+        reusable = state is not None and not (torch.is_grad_enabled() and (mu.requires_grad or log_sigma.requires_grad))
+        key = ("gaussian", self._fastdiv_ordinal, name, tag)
+        version = tuple((t.data_ptr(), t._version, t.dtype) for t in (mu, log_sigma))
+        known = state.memo.get(key) if reusable else None
+        if known is not None and known[0] == version and known[1].shape[0] == self.active_samples():
+            return known[1]
         eps = self.draw(mu.shape, like=mu, tag=tag)
-        return torch.addcmul(mu, torch.exp(log_sigma), eps)
+        value = torch.addcmul(mu, torch.exp(log_sigma), eps)
+        if reusable:
+            state.memo[key] = (version, value)
+        return value
 
     def kl(self) -> torch.Tensor:
         """Closed-form ``KL(q || N(0, sigma0^2))`` of this layer, summed over its weights and biases."""

@@ -50,12 +50,17 @@ class SampleState:
     index: ``None`` when the input holds all ``num_samples`` replicas (sample-major), else the one
         sample this forward evaluates.
     frozen: every sample is the same pinned sample model (draw 0), at any batch size.
+    memo: the draws made so far under this state, reused by later forwards in the same block (they are a
+        function of the state, so a second forward would draw the same values again): an attack that
+        compares two inputs on the same sample models samples the weights once. One entry per layer and
+        tag, the latest shape only; a frozen state shares it with the states nested in it.
     """
 
     num_samples: int
     seed: int
     index: int | None = None
     frozen: bool = False
+    memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def active(self) -> int:
@@ -101,6 +106,19 @@ class RandomizedModule(nn.Module):
             raise ValueError(f"{type(self).__name__}.draw: kind must be 'normal' or 'uniform', got {kind!r}")
         if state is None:
             return sampler((1, *shape), device=like.device, dtype=like.dtype)
+        key = ("draw", self._fastdiv_ordinal, tag, kind)
+        known = state.memo.get(key)
+        if known is not None and known[0] == (shape, like.dtype, like.device):
+            noise = known[1]
+        else:
+            noise = self._draw_samples(state, shape, like, kind, tag)
+            state.memo[key] = ((shape, like.dtype, like.device), noise)
+        if state.frozen:
+            return noise.expand(state.active, *shape)
+        return noise
+
+    def _draw_samples(self, state: SampleState, shape: tuple[int, ...], like: torch.Tensor,
+                      kind: str, tag: int) -> torch.Tensor:
         # one generator per sample model, seeded by (seed, layer ordinal, tag, sample): a loop
         # forward (index=i) draws only its own sample, the same values as row i of the batched draw
         if state.frozen:
@@ -117,10 +135,7 @@ class RandomizedModule(nn.Module):
                 row.normal_(generator=gen)
             else:
                 row.uniform_(generator=gen)
-        noise = noise.to(like.dtype)
-        if state.frozen:
-            return noise.expand(state.active, *shape)
-        return noise
+        return noise.to(like.dtype)
 
 
 def is_randomized(model: nn.Module) -> bool:
