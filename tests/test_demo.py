@@ -19,12 +19,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "[1/5] training advbnn" in printed and "report:" in printed
     report = (out / "report.md").read_text()
     assert report.startswith("# fastdiv demo")
+    assert "protocol `fastdiv-rand`" in report and "square queries 10 instead of the protocol's 5000" in report
     for preset in DEMO_PRESETS:
         assert f"| {preset} |" in report or f" {preset} |" in report
         res = json.loads((out / preset / "results.json").read_text())
         validate_results(res)
         assert res["model"]["name"] == preset and res["model"]["stochastic"]
-        assert [r["label"] for r in res["table"]["rows"]] == ["EOT-FGSM", "EOT-PGD", "EOT-Square"]
+        assert [r["label"] for r in res["table"]["rows"]] == ["EOT-APGD-CE", "EOT-APGD-DLR", "EOT-Square"]
+        assert res["protocol"]["name"] == "fastdiv-rand" and res["protocol"]["deviations"]["square_queries"] == {
+            "protocol": 5000, "used": 10}
         assert (out / preset / "report.md").is_file()
         assert (out / "runs" / preset / "best.pt").is_file()
     for png in ("compare_accuracy_vs_eps.png", "compare_gradient_stats.png", "compare_projection.png",

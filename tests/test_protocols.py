@@ -31,7 +31,7 @@ def test_list_protocols(capsys):
 
 
 def test_a_protocol_fixes_attacks_and_budgets():
-    cfg = EvalConfig(protocol="autoattack-standard", steps=3, attacks="fgsm").check()
+    cfg = EvalConfig(protocol="autoattack-standard").check()
     assert cfg.attacks == ["apgd-ce", "apgd-t", "fab-t", "square"] and cfg.steps == 100
     assert cfg.square_queries == 5000 and cfg.ensemble_samples == 1 and cfg.forms == ["one"]
     rand = EvalConfig(protocol="autoattack-rand").check()
@@ -40,6 +40,55 @@ def test_a_protocol_fixes_attacks_and_budgets():
         "apgd-ce", "apgd-t", "fab-t"]  # fastdiv's Square is l_inf only
     with pytest.raises(ValueError, match="unknown protocol 'autoattack'"):
         EvalConfig(protocol="autoattack").check()
+
+
+@pytest.mark.parametrize("given, named", [({"steps": 3}, "steps 3 (the protocol's: 100)"),
+                                          ({"attacks": "fgsm"}, "attacks fgsm"),
+                                          ({"forms": "fixed,mean"}, "forms fixed,mean (the protocol's: one)"),
+                                          ({"square_queries": 50, "steps": 7}, "steps 7")])
+def test_a_setting_that_contradicts_the_protocol_is_refused(given, named):
+    with pytest.raises(ValueError, match="protocol autoattack-standard fixes") as err:
+        EvalConfig(protocol="autoattack-standard", **given).check()
+    assert named in str(err.value) and "--deviations" in str(err.value)
+    # the protocol's own value is not a contradiction
+    assert EvalConfig(protocol="autoattack-standard", steps=100, attacks="apgd-ce,apgd-t,fab-t,square").check()
+
+
+def test_a_declared_deviation_is_applied_and_recorded(tmp_path):
+    cfg = EvalConfig(protocol="fastdiv-rand", deviations="square-queries=300, steps=4").check()
+    assert (cfg.square_queries, cfg.steps, cfg.eot_samples) == (300, 4, 20)
+    assert cfg.check().deviations == {"square_queries": 300, "steps": 4}  # checking twice changes nothing
+    assert EvalConfig(protocol="fastdiv-rand", deviations={"steps": 4}, steps=4).check().steps == 4
+    x, y = _test_set(12)
+    res = evaluate_model(trained_mlp(), (x, y), protocol="autoattack-rand", eps=[0.1], out=tmp_path,
+                         deviations={"steps": 2, "eot_samples": 3}, **QUIET)
+    validate_results(json.loads((tmp_path / "results.json").read_text()))
+    assert res["protocol"]["deviations"] == {"steps": {"protocol": 100, "used": 2},
+                                             "eot_samples": {"protocol": 20, "used": 3}}
+    assert res["table"]["rows"][0]["results"][0]["settings"]["steps"] == 2
+    assert "**deviation**: steps 2 instead of 100" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("deviations, message", [
+    ({"attacks": 2}, "'attacks' cannot deviate"), ("steps", "FIELD=VALUE pairs"), ("steps=x", "is not an int"),
+    ({"steps": 0}, "steps must be an int >= 1"), ({"ensemble_samples": 5}, "does not fix ensemble_samples"),
+    (["steps"], "must be a dict")])
+def test_bad_deviations(deviations, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(protocol="fastdiv-rand", deviations=deviations).check()
+    with pytest.raises(ValueError, match="only with a protocol"):
+        EvalConfig(deviations={"steps": 3}).check()
+
+
+def test_cli_refuses_a_typed_flag_against_the_protocol(tmp_path, capsys):
+    """A typed flag is refused even when it repeats the flag's default (20 steps): the CLI knows it was typed."""
+    code = main(["evaluate", str(tmp_path), "--protocol", "autoattack-rand", "--steps", "20", "--no-analysis"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--steps 20 (the protocol's: 100)" in err and "Traceback" not in err
+    assert main(["evaluate", str(tmp_path), "--protocol", "autoattack-rand", "--deviations", "steps=20",
+                 "--steps", "20"]) == 2  # passes the protocol check, then: no run in tmp_path
+    assert "fixes" not in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_standard_protocol_runs_as_a_cascade(tmp_path):
@@ -76,7 +125,8 @@ def test_the_cascade_attacks_only_the_survivors(monkeypatch):
 
     monkeypatch.setattr(stages.Context, "attack", spy)
     x, y = _test_set(30)
-    res = evaluate_model(trained_mlp(), (x, y), protocol="autoattack-rand", eps=[0.1], steps=5, **QUIET)
+    res = evaluate_model(trained_mlp(), (x, y), protocol="autoattack-rand", eps=[0.1], deviations={"steps": 5},
+                         **QUIET)
     clean_correct = round(res["clean"]["ensemble"]["mean"] * 30)
     after_ce = round(res["table"]["rows"][0]["results"][0]["ensemble"]["mean"] * 30)
     table = [s for s in seen if s[0] in ("apgd-ce", "apgd-dlr")][:2]

@@ -99,7 +99,9 @@ def _curve_points(res: ShardResult, cfg: EvalConfig) -> dict[float, Predictions]
     """ε -> flags of the accuracy-vs-ε curve: clean, the table's ε of the curve attack, the extra points."""
     points = {0.0: res.clean}
     key = f"{cfg.curve_attack}/{res.strongest or 'plain'}"
-    row = next((r for r in res.rows if r.spec.key == key), None)
+    # under a protocol the rows are a cascade: the last one is the Total, the protocol's accuracy at each ε
+    row = res.rows[-1] if cfg.protocol is not None and res.rows else next(
+        (r for r in res.rows if r.spec.key == key), None)
     if row is not None:
         for ei, eps in enumerate(cfg.eps):
             points[eps] = _at(row.flags, ei)
@@ -111,7 +113,11 @@ def _curve_points(res: ShardResult, cfg: EvalConfig) -> dict[float, Predictions]
 def _curve(points: dict[float, Predictions], res: ShardResult, cfg: EvalConfig) -> dict | None:
     if len(points) <= 1:
         return None
-    return {"attack": cfg.curve_attack, "form": res.strongest, "label": attack_label(cfg.curve_attack, res.strongest),
+    if cfg.protocol is not None:
+        attack, label = cfg.protocol, f"{cfg.protocol} (Total)"
+    else:
+        attack, label = cfg.curve_attack, attack_label(cfg.curve_attack, res.strongest)
+    return {"attack": attack, "form": res.strongest, "label": label,
             "points": [{"eps": e, "ensemble": _acc(points[e].ensemble), "worst_case": _acc(points[e].worst)}
                        for e in sorted(points)]}
 
@@ -229,7 +235,7 @@ def aggregate(res: ShardResult, cfg: EvalConfig, *, model: nn.Module, in_shape: 
         "data": {"dataset": dataset_name, "split": "test", "num_examples": int(res.index.numel()),
                  "in_shape": list(in_shape), "num_classes": res.num_classes},
         "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "protocol": PROTOCOLS[cfg.protocol].record() if cfg.protocol is not None else None,
+        "protocol": PROTOCOLS[cfg.protocol].record(cfg.deviations) if cfg.protocol is not None else None,
         "clean": _accuracies(res.clean, cfg.per_example),
         "table": table,
         "curve": _curve(points, res, cfg),

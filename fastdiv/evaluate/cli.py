@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..data import DATASETS
-from .config import EvalConfig
+from .config import EvalConfig, protocol_clash
 
 __all__ = ["add_parser", "config_flags", "config_settings"]
 
@@ -49,6 +49,25 @@ def config_flags() -> dict[str, str]:
     on by default)."""
     return {f.name: ("--no-" if _cli_type(f) is bool and f.default else "--") + f.name.replace("_", "-")
             for f in dataclasses.fields(EvalConfig)}
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was typed (``args.given``): a protocol refuses a typed
+    flag that contradicts it even when the value is the flag's default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = (*getattr(namespace, "given", ()), self.dest)
+
+
+class _Flip(_Given):
+    """A bool field's ``--no-NAME`` / ``--NAME`` flag: stores ``const``."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, self.const, option_string)
 
 
 def config_settings(args: argparse.Namespace) -> dict:
@@ -95,10 +114,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         kind, shown = _cli_type(f), _shown_default(f)
         help_text = f.metadata["help"].replace("%", "%%") + (f" (default: {shown})" if shown is not None else "")
         if kind is bool:  # the flag flips the default
-            p.add_argument(flags[f.name], dest=f.name, action="store_false" if f.default else "store_true",
+            p.add_argument(flags[f.name], dest=f.name, action=_Flip, const=not f.default, default=f.default,
                            help=help_text)
         else:
-            p.add_argument(flags[f.name], dest=f.name, type=kind, default=_cli_default(f), help=help_text)
+            p.add_argument(flags[f.name], dest=f.name, action=_Given, type=kind, default=_cli_default(f),
+                           help=help_text)
     p.set_defaults(func=_main)
     return p
 
@@ -138,6 +158,18 @@ def _own_model(args: argparse.Namespace, settings: dict, command: str | None) ->
     return results, out
 
 
+def _check_typed_flags(args: argparse.Namespace, settings: dict) -> None:
+    """Refuses a typed flag that contradicts ``--protocol`` (the defaults are the protocol's to set)."""
+    from .protocols import PROTOCOLS, conflicts, parse_deviations
+
+    if args.protocol not in PROTOCOLS:
+        return  # no protocol, or an unknown one: EvalConfig.check says so
+    typed = {field: settings[field] for field in getattr(args, "given", ())}
+    clash = conflicts(args.protocol, typed, parse_deviations(args.deviations, args.protocol))
+    if clash:
+        raise ValueError(protocol_clash(args.protocol, {f: typed[f] for f in clash}, config_flags()))
+
+
 def _main(args: argparse.Namespace) -> int:
     from .run import evaluate
 
@@ -150,6 +182,7 @@ def _main(args: argparse.Namespace) -> int:
     command = ("fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                if sys.argv[1:2] == ["evaluate"] else None)
     try:
+        _check_typed_flags(args, settings)
         if args.model is not None:
             results, out = _own_model(args, settings, command)
         elif args.run_dir is None:

@@ -58,6 +58,22 @@ def parse_eps(text: str | Sequence, norm: str = "linf") -> list[float]:
     return out
 
 
+def protocol_clash(protocol: str, given: dict, labels: dict | None = None) -> str:
+    """The error for settings (field -> value) that ``protocol`` fixes otherwise; ``labels`` names the
+    fields (their command-line flags)."""
+    from .protocols import PROTOCOLS
+
+    fixed = PROTOCOLS[protocol].config
+    listed = ", ".join(f"{(labels or {}).get(field, field)} {_shown(value)} (the protocol's: {_shown(fixed[field])})"
+                       for field, value in given.items())
+    return (f"protocol {protocol} fixes {listed}: leave them out to run the protocol, or ask for a smaller budget "
+            f"as a declared deviation (--deviations FIELD=VALUE / deviations={{...}}), which the results name")
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def _names(text: str | Sequence[str] | None) -> list[str]:
     """Lower-case names from ``'a,b'`` or a sequence, blanks and repeats dropped, first occurrence kept."""
     if text is None:
@@ -131,6 +147,10 @@ class EvalConfig:
     protocol: str | None = _field(None, "a named protocol (autoattack-standard, autoattack-rand, fastdiv-rand; see "
                                         "--list-protocols): fixes the attacks and their budgets, runs them as a "
                                         "cascade", shown="none")
+    deviations: str | dict | None = _field(None, "with --protocol: budgets changed from the protocol's, as "
+                                                 "FIELD=VALUE pairs (steps, square_queries, eot_samples, "
+                                                 "ensemble_samples), named beside the protocol in results.json and "
+                                                 "the report", shown="none")
 
     def check(self, attack_names: Sequence[str] | None = None) -> EvalConfig:
         """Normalizes and validates every field; raises ``ValueError`` naming the argument."""
@@ -138,14 +158,26 @@ class EvalConfig:
         if self.norm not in NORMS:
             raise ValueError(f"norm: must be one of {NORMS} (any case), got {self.norm!r}")
         if self.protocol is not None:
-            from .protocols import PROTOCOLS
+            from .protocols import PROTOCOLS, conflicts, parse_deviations, same_setting
 
             if self.protocol not in PROTOCOLS:
                 raise ValueError(f"protocol: unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}")
-            for field, value in PROTOCOLS[self.protocol].config.items():
+            self.deviations = parse_deviations(self.deviations, self.protocol)
+            # a field left at its default is the protocol's to set; any other value must be the protocol's
+            fixed = PROTOCOLS[self.protocol].config
+            given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name in fixed and not same_setting(getattr(self, f.name), f.default)}
+            clash = conflicts(self.protocol, given, self.deviations)
+            if clash:
+                raise ValueError(protocol_clash(self.protocol, {f: given[f] for f in clash}))
+            for field, value in {**PROTOCOLS[self.protocol].config, **self.deviations}.items():
                 setattr(self, field, value)
             if self.norm == "l2":  # fastdiv's Square searches the ℓ∞ ball only
                 self.attacks = tuple(a for a in self.attacks if a != "square")
+        else:
+            from .protocols import parse_deviations
+
+            self.deviations = parse_deviations(self.deviations, None)
         for field, default in NORM_DEFAULTS[self.norm].items():
             if getattr(self, field) is None:
                 setattr(self, field, default)
@@ -155,6 +187,9 @@ class EvalConfig:
         self.eps = parse_eps(self.eps, self.norm)
         given = self.curve_eps if isinstance(self.curve_eps, str) else len(self.curve_eps)
         self.curve_eps = parse_eps(self.curve_eps, self.norm) if given else []
+        if self.protocol is not None and self.curve_eps:
+            raise ValueError("curve_eps: under a protocol the accuracy-vs-ε curve is its Total at each --eps; put "
+                             "the extra ε into --eps")
         if attack_names is not None:
             self._check_attack_names(attack_names)
         bad = [f for f in self.forms if f not in FORMS]

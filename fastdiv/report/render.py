@@ -86,8 +86,10 @@ def render_evaluation(results: dict, out_dir, *, prefix: str = "", heading_level
         timing = results.get("timing", {})
         seconds = [(r["label"], timing.get("table_" + r["key"] + "_s")) for r in results["table"]["rows"]]
         times = ", ".join(f"{label} {s:.0f} s" for label, s in seconds if s is not None)
-        info.insert(0, f"protocol: **{p['name']}**: {p['description']}; each row counts what it and every row "
-                       f"above it broke (time per attack: {times})")
+        deviated = "".join(f"; **deviation**: {k} {d['used']} instead of {d['protocol']}"
+                           for k, d in (p.get("deviations") or {}).items())
+        info.insert(0, f"protocol: **{p['name']}**: {p['description']}{deviated}; each row counts what it and every "
+                       f"row above it broke (time per attack: {times})")
     md.bullets(info)
 
     md.heading("Robust accuracy (%)", h + 1)
