@@ -1,7 +1,7 @@
 """MkDocs hook: flag tables generated from the ``fastdiv`` argparse parser at build time.
 
 A page that contains the marker ``<!-- flags: SUBCOMMAND -->`` on a line of its own (``train``,
-``evaluate``, ``demo``, ``info``) gets, in its place, a Markdown table of that subcommand's flags (flag,
+``evaluate``, ``demo``, ``reproduce``, ``info``) gets, in its place, a Markdown table of that subcommand's flags (flag,
 default, help), built from the actions of ``fastdiv.cli.build_parser()``; a parser with argument groups
 gets one table per group. The tables therefore cannot drift from the CLI:
 a flag that is added, renamed or removed changes the docs at the next build. An unknown subcommand in

@@ -1,4 +1,4 @@
-"""The ``fastdiv`` command line (also ``python -m fastdiv``): info, train, evaluate, demo."""
+"""The ``fastdiv`` command line (also ``python -m fastdiv``): info, train, evaluate, demo, reproduce."""
 from __future__ import annotations
 
 import argparse
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_info)
     # each subcommand module adds its parser and sets func on it
     from . import demo, evaluate, train
+    from .reproduce import cli as reproduce
 
-    for module in (train, evaluate, demo):
+    for module in (train, evaluate, demo, reproduce):
         module.add_parser(sub)
     return parser
 

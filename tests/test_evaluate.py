@@ -369,7 +369,10 @@ FLAG_SAMPLES = {"attacks": ("fgsm,PGD", ["fgsm", "pgd"]), "eps": ("0.1,8/255", [
                 "gaas_k": ("16", [16]), "curve_attack": ("fgsm", "fgsm"), "transfer_attack": ("fgsm", "fgsm"),
                 "limit": ("7", 7), "grad_examples": ("7", 7), "alpha_factor": ("0.5", 0.5),
                 "min_margin": ("0.05", 0.05), "stochastic": ("no", False), "model_mode": ("mc-dropout", "mc-dropout"),
-                "norm": ("Linf", "linf"), "protocol": ("autoattack-rand", "autoattack-rand")}
+                "norm": ("Linf", "linf"), "protocol": ("autoattack-rand", "autoattack-rand"),
+                "deviations": ("steps=7", {"steps": 7})}
+#: flags a sample needs beside its own (a deviation is from a protocol)
+FLAG_COMPANIONS = {"deviations": ["--protocol", "autoattack-rand"]}
 
 
 def test_every_config_field_is_a_flag():
@@ -388,7 +391,7 @@ def test_every_config_field_is_a_flag():
     for f in fields:
         if f.name in FLAG_SAMPLES:
             text, expected = FLAG_SAMPLES[f.name]
-            argv = [flags[f.name], text]
+            argv = [flags[f.name], text, *FLAG_COMPANIONS.get(f.name, [])]
         elif f.type == "bool":
             argv, expected = [flags[f.name]], not f.default
             assert flags[f.name] == "--no-" + f.name.replace("_", "-")
@@ -399,7 +402,8 @@ def test_every_config_field_is_a_flag():
         cfg = EvalConfig(**config_settings(args)).check(fastdiv.attacks.ATTACKS)
         assert getattr(cfg, f.name) == pytest.approx(expected), f.name
         # a protocol sets the fields it names, by design; every other field stays at its default
-        also = set(PROTOCOLS[expected].config) if f.name == "protocol" else set()
+        protocol = expected if f.name == "protocol" else "autoattack-rand" if f.name in FLAG_COMPANIONS else None
+        also = {"protocol", *PROTOCOLS[protocol].config} if protocol else set()
         assert {k: v for k, v in vars(cfg).items() if k != f.name and k not in also} == {
             k: v for k, v in vars(defaults).items() if k != f.name and k not in also}, f.name
     # no flags: exactly EvalConfig's defaults
