@@ -80,3 +80,37 @@ def check_model_and_batch(model, x, fn: str) -> None:
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"{fn}: x must be a batch [B, *input_shape], got shape {tuple(x.shape)}")
+
+
+def check_budget(value, name: str, *, norm: str = "linf", strict: bool = False) -> float:
+    """An attack budget or step size (ε, α) as a float: finite and in [0, 1] for the ℓ∞ threat model, whose
+    inputs live in [0, 1] (in (0, 1] with ``strict``), finite and >= 0 (> 0) for ``'l2'``. Numbers may be
+    given as strings (``'0.1'``, ``'8/255'``). Raises ``ValueError`` naming ``name``."""
+    from fractions import Fraction
+
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = float(Fraction(value)) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError, TypeError, OverflowError):
+        raise ValueError(f"{name}: {value!r} is not a number (write 0.03 or 8/255)") from None
+    low = "> 0" if strict else ">= 0"
+    if norm == "linf" and not (math.isfinite(v) and (0.0 < v if strict else 0.0 <= v) and v <= 1.0):
+        interval = "(0, 1]" if strict else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval} for the ℓ∞ threat model (inputs live in [0, 1]), got {value!r}")
+    if not (math.isfinite(v) and (0.0 < v if strict else 0.0 <= v)):
+        raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+    return v
+
+
+def check_logits_output(out, batch: int, fn: str) -> torch.Tensor:
+    """``out`` itself, after checking that a model returned floating-point logits ``[batch, C]`` (the
+    attacks, the training losses and the evaluation take their softmax and gradients). Raises
+    ``ValueError`` naming ``fn`` and what the model returned."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{fn}: the model must return logits [N, C] for an input batch of {batch}, got {got}")
+    if not out.is_floating_point():
+        raise ValueError(f"{fn}: the model must return floating-point logits [N, C], got {out.dtype} (return the "
+                         "scores before any argmax or rounding)")
+    return out

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from . import analysis as A
+from .errors import BadInputError
+from .files import prepare_output_dir
+from .runtime import atomic_write_text
 
 __all__ = ["DEMO_PRESETS", "FULL", "QUICK", "demo", "add_parser"]
 
@@ -85,9 +87,9 @@ def demo(out: str | Path = "fastdiv-demo", *, quick: bool = False, device: str =
     from .train import load_run, train
 
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs: must be an int >= 1, got {epochs!r}")
+        raise BadInputError(f"epochs: must be an int >= 1 (--epochs), got {epochs!r}")
     spec = QUICK if quick else FULL
-    out = Path(out)
+    out = prepare_output_dir(out, "--out")  # before any training: an existing file or a read-only place is refused
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     runs: dict[str, Path] = {}
@@ -144,14 +146,14 @@ def demo(out: str | Path = "fastdiv-demo", *, quick: bool = False, device: str =
     text = render_comparison(named, out, title="fastdiv demo: Adv-BNN vs Adv-BNN + GradDiv-DPP", projection=projection,
                              intro=intro, links={p: f"{p}/report.md" for p in DEMO_PRESETS})
     report = out / "report.md"
-    report.write_text(text, encoding="utf-8")
+    atomic_write_text(text, report)
     summary = {"timing": {k: round(v, 1) for k, v in timing.items()}, "quick": quick, "settings": _jsonable(spec),
                "models": {p: {"clean": r["clean"]["ensemble"]["mean"],
                               "total": {str(c["eps"]): c["ensemble"]["mean"] for c in r["table"]["total"]["results"]},
                               "rho_mean": ((r["gradients"] or {}).get("stats") or {}).get("rho", {}).get("mean"),
                               "kappa_mean": ((r["gradients"] or {}).get("stats") or {}).get("kappa", {}).get("mean")}
                           for p, r in named.items()}}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    atomic_write_text(json.dumps(summary, indent=1), out / "demo.json")
     _say(quiet, _summary_text(named, timing, report))
     return report
 
@@ -258,9 +260,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
-        demo(args.out, quick=args.quick, device=args.device, seed=args.seed, epochs=args.epochs, quiet=args.quiet)
-    except ValueError as exc:
-        print(f"fastdiv demo: error: {exc}", file=sys.stderr)
-        return 2
+    # a fault raises a fastdiv error, which fastdiv.cli.main reports in one line with its exit code
+    demo(args.out, quick=args.quick, device=args.device, seed=args.seed, epochs=args.epochs, quiet=args.quiet)
     return 0

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_model_and_batch
+from ._checks import check_logits_output, check_model_and_batch
 from .nn.randomness import Randomness, detect_randomness, one_sample
 from .nn.sampling import sampling, supports_batched
 
@@ -84,11 +84,7 @@ def _check_inputs(model, x, y, num_samples, create_graph, strategy) -> None:
 
 
 def _logits(model, x: torch.Tensor, fn: str = "sample_input_grads") -> torch.Tensor:
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"{fn}: the model must return logits [N, C] for an input batch of "
-                         f"{x.shape[0]}, got {getattr(out, 'shape', type(out).__name__)}")
-    return out
+    return check_logits_output(model(x), x.shape[0], fn)
 
 
 def _check_labels(y: torch.Tensor, classes: int) -> None:

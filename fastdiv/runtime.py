@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Ranks", "atomic_save", "atomic_write_text", "resolve_device", "rng_state", "seed_globals",
-           "set_rng_state", "setup_ranks"]
+__all__ = ["Ranks", "atomic_save", "atomic_write_bytes", "atomic_write_text", "crash_point", "fsync_dir",
+           "resolve_device", "rng_state", "seed_globals", "set_rng_state", "setup_ranks", "temp_path", "write_temp"]
 
 
 def _local_rank() -> int:
@@ -95,27 +95,68 @@ def setup_ranks(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), _local_rank(), owned)
 
 
-def _write_atomically(path: Path, mode: str, write) -> None:
-    """Calls ``write(file)`` on a temp file in ``path``'s directory, fsyncs it, then ``os.replace``s it
-    onto ``path``: a reader (or a run killed mid-write) sees the old file or the new one, never a torn
-    one. A failed write leaves the old file and no temp file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def temp_path(path: Path) -> Path:
+    """The temp file a write of ``path`` goes through (in ``path``'s directory, so the rename is atomic;
+    a leading dot and ``.tmp``, which a run directory's clean-up removes)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_temp(path: Path, mode: str, write) -> Path:
+    """Calls ``write(file)`` on :func:`temp_path` of ``path`` and fsyncs it; returns the temp file, complete
+    on disk, for the caller to ``os.replace`` onto ``path``. A failed write leaves no temp file."""
+    tmp = temp_path(Path(path))
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    with contextlib.suppress(OSError):  # make the rename durable (not possible on every OS)
-        fd = os.open(path.parent, os.O_RDONLY)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the renames in directory ``path`` durable (not possible on every OS: then a no-op)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for the tests: when ``FASTDIV_CRASH_AT`` is ``name`` (or ``name:K``, the K-th time
+    this point is reached, counting from 1), the process kills itself with SIGKILL here, as a power cut or
+    an OOM kill would. Unset (always, outside the fault-injection tests), this does nothing."""
+    spec = os.environ.get("FASTDIV_CRASH_AT")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def _write_atomically(path: Path, mode: str, write) -> None:
+    """Calls ``write(file)`` on a temp file in ``path``'s directory, fsyncs it, then ``os.replace``s it
+    onto ``path``: a reader (or a run killed mid-write) sees the old file or the new one, never a torn
+    one. A failed write (a full disk included) leaves the old file and no temp file."""
+    path = Path(path)
+    tmp = write_temp(path, mode, write)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

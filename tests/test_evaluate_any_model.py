@@ -185,10 +185,13 @@ def test_bad_weights_and_data(user_dir, tmp_path, capsys):
     model_spec = f"{user_dir / 'mydefense.py'}:make"
     out = tmp_path / "out"
 
-    def refused(*argv) -> str:
-        assert main(["evaluate", "--model", model_spec, "--out", str(out), *argv, *TINY]) == 2
+    def refused(*argv, code: int = 2) -> str:
+        """Exit code 2 for input that does not fit, 3 for a corrupted or unsafe file (docs/errors.md)."""
+        assert main(["evaluate", "--model", model_spec, "--out", str(out), *argv, *TINY]) == code
         assert not out.exists()
-        return capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err  # one line, no traceback
+        return err
 
     wrong = tmp_path / "wrong.safetensors"
     save_file({"f.1.weight": torch.zeros(3, 3)}, str(wrong))
@@ -196,12 +199,13 @@ def test_bad_weights_and_data(user_dir, tmp_path, capsys):
     assert "does not match the model" in err and "missing in the file" in err and "shapes differ" in err
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"model": load_factory(model_spec).state_dict(), "extra": Exception("foreign")}, unsafe)
-    err = refused("--weights", str(unsafe), "--data", str(user_dir / "test.npz"))
+    err = refused("--weights", str(unsafe), "--data", str(user_dir / "test.npz"), code=3)
     assert "refused as unsafe or foreign" in err and str(unsafe) in err and "weights_only=False" not in err
     truncated = tmp_path / "truncated.pt"
     torch.save(load_factory(model_spec).state_dict(), truncated)
     truncated.write_bytes(truncated.read_bytes()[:100])
-    assert "not a readable PyTorch file" in refused("--weights", str(truncated), "--data", str(user_dir / "test.npz"))
+    assert "not a readable PyTorch file" in refused("--weights", str(truncated), "--data", str(user_dir / "test.npz"),
+                                                    code=3)
     outside = tmp_path / "outside.npz"
     np.savez(outside, x=np.full((4, 1, 8, 8), 2.0, np.float32), y=np.zeros(4, np.int64))
     assert "must lie in [0, 1]" in refused("--data", str(outside))

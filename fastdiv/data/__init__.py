@@ -16,8 +16,9 @@
 - ``synthetic``: small seeded random data with class-dependent means, for tests.
 
 Nothing here touches the network. A missing file raises :class:`DatasetNotFoundError` (a
-``FileNotFoundError``), a malformed or truncated one :class:`DatasetFileError` (a ``ValueError``);
-both name the file, the expected format and where to get the data.
+``FileNotFoundError`` and a :class:`fastdiv.errors.MissingFileError`), a malformed or truncated one
+:class:`DatasetFileError` (a ``ValueError`` and a :class:`fastdiv.errors.CorruptFileError`); both name
+the file, the expected format and where to get the data.
 
 The augmentations (:func:`random_shift`, :func:`random_flip`, :func:`truncated_normal_noise`) are
 pure, seeded tensor ops on a batch, on whatever device the batch lives on.

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BadInputError, CorruptFileError, MissingFileError
+
 #: Where to get each on-disk dataset and what to put in ``data_dir`` (used in error messages).
 SOURCES = {
     "mnist": ("the four MNIST IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
@@ -36,29 +38,20 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32    # label byte + R, G, B planes (each 32x32 row
 _STL_IMAGE = 3 * 96 * 96           # 3 channels of 96x96, each stored column-major
 
 
-class DatasetFileError(ValueError):
-    """A dataset file exists but is malformed or truncated. ``path`` is the offending file."""
-
-    def __init__(self, message: str, path: Path | str | None = None):
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
+class DatasetFileError(CorruptFileError):
+    """A dataset file exists but is malformed or truncated (a ``ValueError``; exit code 3 on the command
+    line). ``path`` is the offending file."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset file (or ``data_dir``) does not exist. ``path`` names what was looked for."""
-
-    def __init__(self, message: str, path: Path | str | None = None):
-        super().__init__(message)
-        self.path = None if path is None else Path(path)
-
-    def __str__(self) -> str:  # FileNotFoundError would otherwise print the args tuple
-        return self.args[0]
+class DatasetNotFoundError(MissingFileError):
+    """A dataset file (or ``data_dir``) does not exist (a ``FileNotFoundError``; exit code 2 on the command
+    line). ``path`` names what was looked for."""
 
 
 def require_data_dir(name: str, data_dir) -> Path:
     if data_dir is None:
-        raise ValueError(f"load_dataset: dataset {name!r} is read from disk, so data_dir is required; "
-                         f"put {SOURCES[name]}")
+        raise BadInputError(f"load_dataset: dataset {name!r} is read from disk, so data_dir (--data-dir) is "
+                            f"required; put {SOURCES[name]}")
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(f"load_dataset: data_dir {str(root)!r} for dataset {name!r} does not exist "

@@ -19,7 +19,8 @@ robustness paper needs:
 * the gradient-obfuscation checklist of GradDiv §5, each check pass/fail with its numbers.
 
 Outputs (``--out``, default ``RUN_DIR/eval``): ``results.json`` (schema :data:`RESULTS_SCHEMA`,
-checked by :func:`validate_results`), ``report.md`` and its PNG plots. Under ``torchrun`` every rank
+checked by :func:`validate_results`), ``report.md`` and its PNG plots, each replaced whole; while the table
+runs, ``rows.partial.json`` keeps its finished rows for ``--resume``. Under ``torchrun`` every rank
 evaluates a shard of the test set and rank 0 gathers the per-example results and writes the files.
 
 The package, one job per module: :mod:`.config` (:class:`EvalConfig`, attack names and labels),
@@ -27,8 +28,9 @@ The package, one job per module: :mod:`.config` (:class:`EvalConfig`, attack nam
 rank's shard, each returning a typed result of :mod:`.shard`, which also merges the ranks' results),
 :mod:`.aggregate` (the results dictionary), :mod:`.schema` (:data:`RESULTS_SCHEMA`,
 :func:`validate_results`), :mod:`.outputs` (the files, the flag strings, saved adversarial examples),
-:mod:`.inputs` (a user's model factory, weights and data files), :mod:`.run` (:func:`evaluate_model`,
-:func:`evaluate`) and :mod:`.cli` (the flags, generated from :class:`EvalConfig`).
+:mod:`.inputs` (a user's model factory, weights and data files), :mod:`.partial` (the finished table rows kept
+for ``--resume``), :mod:`.run` (:func:`evaluate_model`, :func:`evaluate`) and :mod:`.cli` (the flags, generated
+from :class:`EvalConfig`).
 """
 # resolve_device, setup_ranks (with the entry points): fastdiv.runtime's, which the driver uses
 from .cli import add_parser

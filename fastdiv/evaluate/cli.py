@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..data import DATASETS
+from ..errors import BadInputError
 from .config import EvalConfig, protocol_clash
 
 __all__ = ["add_parser", "config_flags", "config_settings"]
@@ -108,6 +109,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(x_adv, y, index and the per-example flags; fastdiv.evaluate.load_adversarial reads them)")
     p.add_argument("--list-protocols", action="store_true",
                    help="print the named protocols of --protocol (attacks, budgets) and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation into the same --out: the table rows (attack x ε) it "
+                        "finished, kept in OUT/rows.partial.json, are not run again; refused when the settings, "
+                        "model or data differ")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     flags = config_flags()
     for f in dataclasses.fields(EvalConfig):
@@ -154,7 +159,8 @@ def _own_model(args: argparse.Namespace, settings: dict, command: str | None) ->
                 "transfer_from": args.transfer_from}
     results = evaluate_model(model, data, out=out, quiet=args.quiet, device=args.device, name=args.model,
                              surrogate=surrogate, surrogate_name=surrogate_name, dataset_name=dataset_name,
-                             run_info=run_info, command=command, save_adv=args.save_adv, **settings)
+                             run_info=run_info, command=command, save_adv=args.save_adv, resume=args.resume,
+                             **settings)
     return results, out
 
 
@@ -181,23 +187,20 @@ def _main(args: argparse.Namespace) -> int:
     settings = config_settings(args)
     command = ("fastdiv evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:])
                if sys.argv[1:2] == ["evaluate"] else None)
-    try:
-        _check_typed_flags(args, settings)
-        if args.model is not None:
-            results, out = _own_model(args, settings, command)
-        elif args.run_dir is None:
-            raise ValueError("give a run directory (from `fastdiv train`) or --model FILE.py:FACTORY")
-        else:
-            for flag in ("weights", "dataset", "data_dir", "data"):
-                if getattr(args, flag) is not None:
-                    raise ValueError(f"--{flag.replace('_', '-')} goes with --model; a run directory has its own")
-            results = evaluate(args.run_dir, out=args.out, which=args.which, device=args.device,
-                               transfer_from=args.transfer_from, quiet=args.quiet, command=command,
-                               save_adv=args.save_adv, **settings)
-            out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fastdiv evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    # a fault raises a fastdiv error, which fastdiv.cli.main reports in one line with its exit code
+    _check_typed_flags(args, settings)
+    if args.model is not None:
+        results, out = _own_model(args, settings, command)
+    elif args.run_dir is None:
+        raise BadInputError("give a run directory (from `fastdiv train`) or --model FILE.py:FACTORY")
+    else:
+        for flag in ("weights", "dataset", "data_dir", "data"):
+            if getattr(args, flag) is not None:
+                raise BadInputError(f"--{flag.replace('_', '-')} goes with --model; a run directory has its own")
+        results = evaluate(args.run_dir, out=args.out, which=args.which, device=args.device,
+                           transfer_from=args.transfer_from, quiet=args.quiet, command=command,
+                           save_adv=args.save_adv, resume=args.resume, **settings)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         total = results["table"]["total"]["results"]
         print("total robust accuracy: "

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+from .._checks import check_budget
 from ..nn.randomness import MODEL_MODES
 
 __all__ = ["DEFAULT_ATTACKS", "DEFAULT_TRANSFER_ATTACKS", "FORMS", "EvalConfig", "attack_label", "parse_eps"]
@@ -46,15 +47,11 @@ def parse_eps(text: str | Sequence, norm: str = "linf") -> list[float]:
     out = []
     for t in items:
         try:
-            v = float(Fraction(t)) if isinstance(t, str) else float(t)
+            float(Fraction(t)) if isinstance(t, str) else float(t)
         except (ValueError, ZeroDivisionError, TypeError):
             raise ValueError(f"eps: {t!r} is not a number (write 0.03 or 8/255)") from None
-        if norm == "linf" and (isinstance(t, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0):
-            raise ValueError(f"eps: every ε must be in [0, 1] for the ℓ∞ threat model (inputs live in [0, 1]), "
-                             f"got {t!r}")
-        if isinstance(t, bool) or not math.isfinite(v) or v < 0.0:
-            raise ValueError(f"eps: every ℓ2 ε must be a finite number >= 0, got {t!r}")
-        out.append(v)
+        # the one check of a budget that training (--eps-train, ...) uses too
+        out.append(check_budget(t, "eps: every ε" if norm == "linf" else "eps: every ℓ2 ε", norm=norm))
     return out
 
 

@@ -3,8 +3,10 @@ its weights (``.safetensors``, or a ``.pt`` state dict loaded with ``weights_onl
 ``TensorDataset``, a ``Dataset``, a ``DataLoader``, a pair of tensors or a ``.npz`` / ``.safetensors`` file
 holding ``x`` and ``y``.
 
-Every problem is a :class:`EvalInputError` (a ``ValueError``) whose message names the file or argument,
-what was expected and what was found; nothing is written before these checks pass.
+Every problem is a :mod:`fastdiv.errors` error whose message names the file or argument, what was expected and
+what was found: :class:`EvalInputError` (bad input, exit code 2) for what does not fit, and
+:class:`~fastdiv.errors.CorruptFileError` / :class:`~fastdiv.errors.UnsafeFileError` (exit code 3) for a file
+that is truncated, damaged or a refused pickle. Nothing is written before these checks pass.
 """
 from __future__ import annotations
 
@@ -12,20 +14,22 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import pickle
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._checks import check_logits_output
 from ..attacks.base import RANGE_TOLERANCE  # the attacks' own bound: data they would refuse is refused here
+from ..errors import BadInputError, CorruptFileError, UnsafeFileError
+from ..files import load_torch_file, match_state_dict, read_file_bytes
 
 __all__ = ["EvalInputError", "as_xy", "check_images", "check_logits", "load_data_file", "load_factory",
            "load_weights"]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(BadInputError):
     """A model, weights or data file that cannot be used as given; the message says which and why."""
 
 
@@ -84,66 +88,55 @@ def load_factory(spec: str) -> nn.Module:
     return model
 
 
-def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
+def _state_dict_of(obj, path: Path):
     """A state dict from what a weights file holds: the dict itself, or its 'model' / 'state_dict' entry
     (fastdiv's best.pt and the usual training-script checkpoints)."""
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    # values are tensors, except a module's extra state (keys ending in '_extra_state')
-    if not isinstance(obj, dict) or not obj or not all(
-            isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state")) for k, v in obj.items()):
-        raise EvalInputError(f"--weights: {path} holds no state dict (expected a mapping of parameter names to "
-                             f"tensors, or one under 'model' / 'state_dict'); found {type(obj).__name__}")
+                return obj[key]
+    if isinstance(obj, dict) and not obj:
+        raise EvalInputError(f"--weights: {path} holds an empty dict, expected a state dict (a mapping of parameter "
+                             "names to tensors, or one under 'model' / 'state_dict')", path)
     return obj
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Loads the state dict in ``path`` (``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` read with
-    ``torch.load(weights_only=True)``) into ``model`` strictly; returns ``model``."""
+    ``torch.load(weights_only=True)``) into ``model`` strictly; returns ``model``. A missing file, a
+    directory or weights that do not fit the model raise :class:`EvalInputError`; a truncated or damaged
+    file :class:`~fastdiv.errors.CorruptFileError`, a pickle of other Python objects
+    :class:`~fastdiv.errors.UnsafeFileError`."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise EvalInputError(f"--weights: the file {path} does not exist")
+    fix = ("Save the weights as a state dict (torch.save(model.state_dict(), ...)) or as .safetensors "
+           "(safetensors.torch.save_file)")
+    data = read_file_bytes(path, "--weights", error=EvalInputError)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
 
         try:
-            with safe_open(str(path), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-                # non-tensor module state (fastdiv's best.safetensors keeps it as JSON metadata)
-                state.update(json.loads((f.metadata() or {}).get("extra_state", "{}")))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise EvalInputError(f"--weights: {path} is not a readable .safetensors file ({exc})") from exc
+            state = load_safetensors(data)
+            # non-tensor module state (fastdiv's best.safetensors keeps it as JSON metadata)
+            state.update(json.loads(_safetensors_metadata(data).get("extra_state", "{}")))
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
+            raise CorruptFileError(f"--weights {path} is not a readable .safetensors file ({len(data)} bytes: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); expected a "
+                                   f"file written by safetensors. {fix}", path) from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise EvalInputError(f"--weights: {path} was refused as unsafe or foreign: it holds Python objects "
-                                 "other than tensors and plain containers, which fastdiv never unpickles. "
-                                 "Save the weights as a state dict (torch.save(model.state_dict(), ...)) or "
-                                 "as .safetensors") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise EvalInputError(f"--weights: {path} is not a readable PyTorch file (truncated or another "
-                                 f"format?): {type(exc).__name__}") from exc
-    state = _state_dict_of(state, path)
-    missing, unexpected = [], []
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-             if k in state and isinstance(own[k], torch.Tensor) and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        def some(items):
-            return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-        parts = ([f"missing in the file: {some(missing)}"] if missing else []) + (
-            [f"not in the model: {some(unexpected)}"] if unexpected else []) + (
-            [f"shapes differ: {some(wrong)}"] if wrong else [])
-        raise EvalInputError(f"--weights: {path} does not match the model ({type(model).__name__}): "
-                             + "; ".join(parts))
-    model.load_state_dict(state)
+        state = load_torch_file(path, "--weights", data=data, fix=fix)
+    match_state_dict(model, _state_dict_of(state, path), "--weights", path, error=EvalInputError)
     return model
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The string metadata in the header of the .safetensors bytes ``data`` (8-byte length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("the header's __metadata__ is not a mapping")
+    return meta
 
 
 def check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -157,11 +150,10 @@ def check_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     except Exception as exc:
         raise EvalInputError(f"model: a forward of inputs {tuple(xs.shape)} raised {type(exc).__name__}: "
                              f"{exc}") from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != xs.shape[0]:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise EvalInputError(f"model: must return logits [N, C] (N = {xs.shape[0]} inputs here), got {got}")
-    if not out.is_floating_point():
-        raise EvalInputError(f"model: must return floating-point logits [N, C], got {out.dtype}")
+    try:
+        check_logits_output(out, xs.shape[0], "model")
+    except ValueError as exc:
+        raise EvalInputError(str(exc)) from None
     classes = int(out.shape[1])
     if y.numel() and int(y.max()) >= classes:
         raise EvalInputError(f"data: labels must be below the model's {classes} classes, got {int(y.max())}")
@@ -227,34 +219,62 @@ def as_xy(data, what: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_data_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (images in [0, 1]) and ``y`` (labels) from a ``.npz`` or ``.safetensors`` file. ``.npz`` is
-    read without pickles; uint8 images are scaled by 1/255."""
+    read without pickles; uint8 images are scaled by 1/255. A missing file, another format or arrays that do
+    not fit raise :class:`EvalInputError`; a truncated or damaged file
+    :class:`~fastdiv.errors.CorruptFileError`, pickled objects in an ``.npz``
+    :class:`~fastdiv.errors.UnsafeFileError`."""
     path = Path(path).expanduser()
     what = f"--data {path}"
-    if not path.is_file():
-        raise EvalInputError(f"{what}: the file does not exist")
+    if path.suffix not in (".npz", ".safetensors"):
+        raise EvalInputError(f"{what}: expected a .npz or .safetensors file holding 'x' and 'y'", path)
+    data = read_file_bytes(path, "--data", error=EvalInputError)
+    expected = ("a NumPy .npz archive (numpy.savez) of arrays 'x' and 'y'" if path.suffix == ".npz"
+                else "a .safetensors file (safetensors.torch.save_file) of tensors 'x' and 'y'")
+    if not data:
+        raise CorruptFileError(f"{what}: the file is empty (0 bytes), expected {expected}", path)
     if path.suffix == ".npz":
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as arrays:
-                found = {k: arrays[k] for k in arrays.files}
-        except (ValueError, OSError, EOFError) as exc:
-            raise EvalInputError(f"{what}: not a readable .npz file without pickled objects ({exc})") from exc
-        tensors = {k: torch.from_numpy(v.copy()) for k, v in found.items() if v.dtype != object}
-    elif path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise EvalInputError(f"{what}: not a readable .safetensors file ({exc})") from exc
+        tensors = _read_npz(data, what, expected, path)
     else:
-        raise EvalInputError(f"{what}: expected a .npz or .safetensors file holding 'x' and 'y'")
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            tensors = load_safetensors(data)
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
+            raise CorruptFileError(f"{what}: not a readable .safetensors file ({len(data)} bytes: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); expected "
+                                   f"{expected}", path) from None
     if "x" not in tensors or "y" not in tensors:
         raise EvalInputError(f"{what}: the file must hold arrays named 'x' (images) and 'y' (labels); it holds "
-                             f"{sorted(tensors) or 'nothing'}")
+                             f"{sorted(tensors) or 'nothing'}", path)
     x, y = tensors["x"], tensors["y"]
     if x.dtype == torch.uint8:
         x = x.float() / 255
     return check_images(x, y, what)
+
+
+def _read_npz(data: bytes, what: str, expected: str, path: Path) -> dict[str, torch.Tensor]:
+    """The arrays of the .npz bytes ``data`` as tensors, read without pickles."""
+    import io
+
+    import numpy as np
+
+    if data[:4] != b"PK\x03\x04":  # np.load would take any other bytes for a pickle (and refuse them as one)
+        if data[:1] == b"\x80":
+            raise UnsafeFileError(f"{what}: refused as unsafe or foreign: it is a Python pickle, which fastdiv never "
+                                  f"unpickles; expected {expected}", path)
+        raise CorruptFileError(f"{what}: not a readable .npz file ({len(data)} bytes of another format: it starts "
+                               f"with {data[:4]!r}); expected {expected}", path)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            found = {k: arrays[k] for k in arrays.files}
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise UnsafeFileError(f"{what}: refused as unsafe or foreign: it holds pickled Python objects, which "
+                                  f"fastdiv never unpickles; save plain numeric arrays (numpy.savez(path, x=..., "
+                                  f"y=...))", path) from None
+        raise CorruptFileError(f"{what}: not a readable .npz file ({exc}); expected {expected}", path) from None
+    except Exception as exc:  # noqa: BLE001 - zipfile and NumPy report damage as BadZipFile, OSError, EOFError, ...
+        raise CorruptFileError(f"{what}: not a readable .npz file ({len(data)} bytes, {type(exc).__name__}: a "
+                               f"truncated or damaged archive, or another format); expected {expected}", path) from None
+    return {k: torch.from_numpy(v.copy()) for k, v in found.items()}

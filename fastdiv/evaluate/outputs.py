@@ -35,18 +35,39 @@ def save_adversarial(path: str | os.PathLike, *, x_adv: torch.Tensor, y: torch.T
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"x_adv": x_adv, "y": y, "index": index, "ensemble_correct": ensemble_correct,
                "worst_correct": worst_correct}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # clones: safetensors refuses tensors that share storage (e.g. the same flags passed twice)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     atomic_write_bytes(save(tensors, metadata={"info": json.dumps(info, default=str)}), path)
     return path
 
 
 def load_adversarial(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, info)`` of a file written by :func:`save_adversarial`."""
-    from safetensors import safe_open
+    """``(tensors, info)`` of a file written by :func:`save_adversarial`. A missing file raises
+    :class:`~fastdiv.errors.MissingFileError`, a truncated, damaged or foreign one
+    :class:`~fastdiv.errors.CorruptFileError`, each naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads((f.metadata() or {}).get("info", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, info  # noqa: SIM118 - safe_open has no __iter__
+    from ..errors import CorruptFileError, MissingFileError
+    from ..files import read_file_bytes
+
+    path = Path(path)
+    expected = "a .safetensors file written by fastdiv evaluate --save-adv (x_adv, y, index and the flags)"
+    data = read_file_bytes(path, "adversarial examples", error=MissingFileError if not path.exists()
+                           else CorruptFileError)
+    try:
+        tensors = load(data)
+        length = int.from_bytes(data[:8], "little")
+        info = json.loads((json.loads(data[8:8 + length]).get("__metadata__") or {}).get("info", "{}"))
+    except (SafetensorError, ValueError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"adversarial examples {path} are not a readable .safetensors file ({len(data)} bytes: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); expected "
+                               f"{expected}", path) from None
+    missing = [k for k in ("x_adv", "y", "index", "ensemble_correct", "worst_correct") if k not in tensors]
+    if missing or not isinstance(info, dict):
+        raise CorruptFileError(f"adversarial examples {path} lack {missing or ['the info metadata']}; expected "
+                               f"{expected}", path)
+    return tensors, info
 
 
 def write_outputs(results: dict, out: str | os.PathLike) -> dict[str, Path]:
@@ -58,12 +79,12 @@ def write_outputs(results: dict, out: str | os.PathLike) -> dict[str, Path]:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    # written whole and then renamed, so a reader never sees half a file (UTF-8 whatever the locale: ε, ℓ∞)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
+    # the report and its plots first, results.json last: results.json is the one a reader (and a resumed
+    # evaluation) trusts, and each file replaces its previous version whole (written, then renamed)
     rep = report.write_report(results, out)
     robustbench = out / "robustbench.json"
     atomic_write_text(json.dumps(robustbench_entries(results), indent=1, ensure_ascii=False) + "\n", robustbench)
+    path = out / "results.json"
+    # UTF-8 whatever the locale: ε, ℓ∞
+    atomic_write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False), path)
     return {"results": path, "report": rep, "plots": sorted(out.glob("*.png")), "robustbench": robustbench}

@@ -19,11 +19,12 @@ from torch import nn
 
 from .. import analysis as A
 from ..nn.randomness import Randomness
-from ..runtime import Ranks
+from ..runtime import Ranks, crash_point
 from .attack_setup import accepted, attack_registry, attack_settings, build_attack, build_transfer_attack
 from .attack_setup import run_attack_batches as _batches
 from .config import EvalConfig, attack_label
 from .outputs import save_adversarial
+from .partial import RowCache
 from .shard import (
     ChecklistResult,
     CurvePoint,
@@ -93,6 +94,7 @@ class Context:
     randomness: Randomness
     save_adv: Path | None = None  #: where each attack's adversarial examples go (None: not kept)
     world: int = 1
+    cache: RowCache | None = None  #: the finished table units, kept for a resumed evaluation (None: not kept)
 
     def __post_init__(self):
         self.stochastic = self.randomness.stochastic
@@ -133,13 +135,23 @@ def clean_accuracy(ctx: Context) -> Predictions:
 
 def attack_row(ctx: Context, spec: RowSpec, row: int, alive: torch.Tensor | None = None) -> RowResult:
     """One row of the table: its attack at every ε, once per repeat. ``alive`` ``[E, R, N]`` (a protocol's
-    cascade): attack only the examples still correct there; the others count as broken already."""
+    cascade): attack only the examples still correct there; the others count as broken already. Each ε
+    finished is recorded in ``ctx.cache``, and one it already holds (a resumed evaluation) is taken from it."""
     cfg = ctx.cfg
     E, R, N = ctx.shape
     flags = Predictions(torch.zeros(E, R, N, dtype=torch.bool), torch.zeros(E, R, N, dtype=torch.bool))
     settings = []
-    t0 = time.perf_counter()
+    seconds = 0.0
     for ei, eps in enumerate(cfg.eps):
+        done = ctx.cache.get(spec.key, ei, R, N) if ctx.cache is not None else None
+        if done is not None:
+            unit, s, spent = done
+            flags.ensemble[ei], flags.worst[ei] = unit.ensemble, unit.worst
+            settings.append(s)
+            seconds += spent
+            ctx.progress.update(R)
+            continue
+        t0 = time.perf_counter()
         ctx.progress.stage(f"{spec.label} ε={eps:g}")
         for r in range(R):
             sel = None if alive is None else alive[ei, r].nonzero().flatten()
@@ -162,7 +174,12 @@ def attack_row(ctx: Context, spec: RowSpec, row: int, alive: torch.Tensor | None
                                        "stochastic": ctx.stochastic, "model_mode": cfg.model_mode})
             ctx.progress.update()
         settings.append(s)
-    return RowResult(spec, flags, settings, seconds=time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        seconds += spent
+        if ctx.cache is not None:
+            ctx.cache.put(spec.key, ei, Predictions(flags.ensemble[ei], flags.worst[ei]), s, spent)
+            crash_point("evaluate-unit-saved")
+    return RowResult(spec, flags, settings, seconds=seconds)
 
 
 def table(ctx: Context, specs: list[RowSpec], clean: Predictions) -> list[RowResult]:
@@ -355,10 +372,11 @@ def gradient_analysis(ctx: Context) -> GradientResult:
 
 def run_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, cfg: EvalConfig, *,
               surrogate: nn.Module | None, ranks: Ranks, quiet: bool, x0: torch.Tensor,
-              y0: torch.Tensor, randomness: Randomness,
-              save_adv: Path | None = None) -> tuple[ShardResult, dict[str, float]]:
+              y0: torch.Tensor, randomness: Randomness, save_adv: Path | None = None,
+              cache: RowCache | None = None) -> tuple[ShardResult, dict[str, float]]:
     """Every stage on this rank's examples ``x``/``y`` (test-set positions ``index``) of a model whose
-    ``randomness`` is known; returns the result and the seconds per stage."""
+    ``randomness`` is known; returns the result and the seconds per stage. ``cache``: the table units
+    finished so far (:class:`~fastdiv.evaluate.partial.RowCache`)."""
     stochastic = randomness.stochastic
     members = A.members_of(model)
     specs = table_rows(cfg, stochastic)
@@ -373,7 +391,7 @@ def run_shard(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.T
     progress = Progress(total, quiet, ranks.rank, "evaluate")
     with torch.no_grad():
         num_classes = int(model(x0).shape[-1])
-    ctx = Context(model, x, y, index, cfg, progress, ranks.rank, x0, y0, randomness, save_adv, ranks.world)
+    ctx = Context(model, x, y, index, cfg, progress, ranks.rank, x0, y0, randomness, save_adv, ranks.world, cache)
     out = ShardResult(index.cpu(), num_classes, stochastic, len(members) if members else None, ctx.strongest,
                       randomness=randomness.reason)
     timing: dict[str, float] = {}

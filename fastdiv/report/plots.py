@@ -24,10 +24,20 @@ def _plt():
 
 
 def _save(fig, path) -> Path:
+    """Writes ``fig`` as a PNG to ``path`` atomically (rendered in memory, then written and renamed), so a
+    kill leaves the previous plot or the new one, never half of one."""
+    import io
+
+    from ..runtime import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        _plt().close(fig)
+    atomic_write_bytes(buffer.getvalue(), path)
     return path
 
 

@@ -2,9 +2,9 @@
 of several (``fastdiv demo``)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..runtime import atomic_write_text
 from .markdown import Markdown, fmt_acc, fmt_num, fmt_pct
 from .plots import STAT_LABELS, plot_accuracy_curves, plot_gaas, plot_heatmaps, plot_projection, plot_stat_histograms
 
@@ -202,9 +202,7 @@ def write_report(results: dict, out_dir) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render_evaluation(results, out_dir)
     path = out_dir / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(text, path)  # the previous report stays whole until the new one is complete
     return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import prepare_output_dir
 from ..runtime import atomic_write_text
 from .claims import SIZES, Arm, Claim, resolve_claims
 from .measure import MEASURES, Measured
@@ -40,9 +41,7 @@ def reproduce(claims: Sequence[str] | None = None, *, size: str = "standard", da
         raise ValueError(f"dataset: the {size} size runs on {sorted(spec['datasets'])}, got {dataset!r}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds: must be an int >= 1, got {seeds!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} exists and is not a directory")
+    out = prepare_output_dir(out, "--out")  # before any training: a file or a read-only place is refused
     t_start = time.perf_counter()
     arms = _arms_of(chosen)
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))

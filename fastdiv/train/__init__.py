@@ -18,29 +18,34 @@ One function trains any defense of :mod:`fastdiv.presets` the way its paper did.
 
 After every epoch: validation accuracy of the defense's inference, concentration statistics of
 held-out gradients (:func:`fastdiv.concentration_stats`: rho, kappa/p, mean cos, coherence, DPP),
-one line of ``metrics.jsonl``, ``checkpoint.pt`` (atomically: temp file + ``os.replace``) and
-``best.pt`` when the validation accuracy improved.
+``best.pt`` when the validation accuracy improved, ``checkpoint.pt`` (:mod:`fastdiv.train.store`: temp
+file + ``os.replace``, the previous one kept as ``checkpoint.prev.pt`` until the new one is complete, both
+listed with their size and SHA-256 in ``checkpoint.sha256``), then one line of ``metrics.jsonl``.
 
 Run directory::
 
     RUN_DIR/config.json     the resolved TrainConfig (+ in_shape, num_classes, n_train, versions)
     RUN_DIR/metrics.jsonl   one JSON object per epoch
-    RUN_DIR/checkpoint.pt   model, optimizer, scheduler, position, RNG states (weights_only-loadable)
+    RUN_DIR/checkpoint.pt   model, optimizer, scheduler, position, RNG states, the metric records of the
+                            completed epochs (weights_only-loadable)
+    RUN_DIR/checkpoint.prev.pt  the checkpoint before it; checkpoint.sha256: the checksums of both
     RUN_DIR/best.pt         the model of the best validation accuracy
     RUN_DIR/source.pt       (ens-adv / d3-*-off) the static source model, if trained here
     RUN_DIR/offline.pt      (d3-*-off) the offline adversarial training examples
 
-Resume: ``--resume`` continues from ``checkpoint.pt`` with the same model, optimizer, scheduler,
-position (epoch and step), lambda schedule and RNG states. Checkpoints are written at every epoch
-end and when SIGINT/SIGTERM arrives (after the current step); since every random draw of a step
-is seeded by its position, a run killed at any point (even with SIGKILL) and resumed produces the
-same metrics as an uninterrupted one on the same device.
+Resume: ``--resume`` continues from the newest verified checkpoint (``checkpoint.pt``, else
+``checkpoint.prev.pt`` with a warning) with the same model, optimizer, scheduler, position (epoch and
+step), lambda schedule and RNG states, and rewrites ``metrics.jsonl`` to the epochs it completed.
+Checkpoints are written at every epoch end and when SIGINT/SIGTERM arrives (after the current step);
+since every random draw of a step is seeded by its position, a run killed at any point (even with
+SIGKILL) and resumed produces the same metrics as an uninterrupted one on the same device.
 
 Distributed: ``torchrun --nproc_per_node=K -m fastdiv train ...`` (DDP; nccl on GPU, gloo on CPU;
 ``--batch-size`` is the global batch, split over the processes; rank 0 writes the run directory).
 """
 # one module per job: config (settings), models, batches, source (the static source model), checkpoint
-# (the files of a run), evaluation, run_setup + trainer (the run), stopping (errors, signals), cli
+# (the files of a run), store (where checkpoints go), evaluation, run_setup + trainer (the run), stopping
+# (errors, signals), cli
 from .checkpoint import CHECKPOINT_FORMAT
 from .cli import add_parser, main
 from .config import TrainConfig, lambda_at, parse_reg, resolve_config

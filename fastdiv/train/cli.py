@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 import sys
 
+from ..errors import BadInputError
 from ..presets import format_presets
 from .config import TrainConfig, config_for_run
-from .stopping import TrainingDiverged, TrainingInterrupted
+from .stopping import TrainingInterrupted
 from .trainer import train
 
 __all__ = ["add_parser", "main"]
@@ -46,12 +47,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train", help="train a defense with a paper's recipe (--preset NAME)",
         description=("Train a randomized or ensemble defense with a paper's recipe. Values: the preset's "
                      "defaults for the dataset < --config FILE.json < the flags given. "
-                     "Exit codes: 0 done, 2 bad arguments, 3 non-finite loss, 128+N stopped by signal N "
-                     "(checkpoint saved; --resume continues)."),
+                     "Exit codes: 0 done, 2 bad arguments or input files, 3 corrupted or unsafe file or non-finite "
+                     "loss, 4 an output could not be written (disk full), 128+N stopped by signal N (checkpoint "
+                     "saved; --resume continues)."),
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--list-presets", action="store_true", help="print every preset with its paper and values, exit")
     p.add_argument("--config", metavar="FILE.json", help="JSON object of settings (overridden by flags)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest verified checkpoint (checkpoint.pt, else "
+                        "checkpoint.prev.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar; one log line per epoch")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -97,17 +101,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = config_for_run(values, getattr(args, "config", None))
         if cfg.preset is None and not values.get("resume"):
-            print("fastdiv train: error: --preset NAME is required (or a --config file that sets it); "
-                  "see --list-presets", file=sys.stderr)
-            return 2
+            raise BadInputError("--preset NAME is required (or a --config file that sets it); see --list-presets")
         train(cfg, quiet=quiet)
-    except TrainingDiverged as e:
-        print(f"fastdiv train: {e}", file=sys.stderr)
-        return TrainingDiverged.exit_code
-    except TrainingInterrupted as e:
+    except TrainingInterrupted as e:  # not an error: the run stopped where asked, with its checkpoint saved
         print(f"fastdiv train: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"fastdiv train: error: {e}", file=sys.stderr)
-        return 2
+    # every other fault (bad settings, unreadable files, a full disk, a non-finite loss) is a fastdiv error
+    # that fastdiv.cli.main reports in one line with its exit code
     return 0

@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._checks import check_budget
+from ..errors import BadInputError, CorruptFileError
+from ..files import read_json_file
+from ..nn.models import MODELS
 from ..presets import PRESETS, TRAINABLE_DATASETS, get_preset
 
 __all__ = ["TrainConfig", "config_for_run", "lambda_at", "load_config_file", "parse_reg", "resolve_config"]
@@ -23,6 +27,8 @@ DERIVED_KEYS = ("in_shape", "num_classes", "n_train", "fastdiv_version", "torch_
                 "num_samples_eval")
 #: the settings a resumed run may change
 RESUME_MUTABLE = ("epochs", "device", "resume", "out")
+#: the largest count (epochs, batch size, steps, samples) a setting may take: torch's int32 index range
+MAX_COUNT = 2 ** 31 - 1
 
 
 def _field(default, help: str, *, flag: str | None = None, choices=None, group: str = "training",
@@ -164,20 +170,29 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of the setting ``name`` (``--lambda`` for ``lam``, else ``--name-with-dashes``)."""
+        f = cls.__dataclass_fields__[name]
+        return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
     def validate(self) -> None:
-        """Type and range checks with errors naming the setting."""
+        """Type and range checks with errors naming the setting and its flag."""
+        flag = self.flag_of
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
-                raise ValueError(f"TrainConfig: {f.name} must be one of {list(choices)}, got {value!r}")
+                raise ValueError(f"TrainConfig: {f.name} must be one of {list(choices)} ({flag(f.name)}), "
+                                 f"got {value!r}")
 
         def positive_int(name, minimum=1, optional=False):
             v = getattr(self, name)
             if optional and v is None:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"TrainConfig: {name} must be an int >= {minimum}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_COUNT:
+                raise ValueError(f"TrainConfig: {name} must be an int >= {minimum} and <= {MAX_COUNT} ({flag(name)}), "
+                                 f"got {v!r}")
 
         def number(name, minimum=0.0, strict=False, optional=False, maximum=math.inf):
             v = getattr(self, name)
@@ -187,15 +202,25 @@ class TrainConfig:
                     or (v <= minimum if strict else v < minimum) or v > maximum:
                 rel = ">" if strict else ">="
                 raise ValueError(f"TrainConfig: {name} must be a finite number {rel} {minimum:g}"
-                                 + (f" and <= {maximum:g}" if maximum < math.inf else "") + f", got {v!r}")
+                                 + (f" and <= {maximum:g}" if maximum < math.inf else "")
+                                 + f" ({flag(name)}), got {v!r}")
             setattr(self, name, float(v))
+
+        def budget(name, strict=False, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            setattr(self, name, check_budget(v, f"TrainConfig: {name} ({flag(name)})", strict=strict))
 
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"TrainConfig: preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if not isinstance(self.model, str) or self.model not in MODELS:
+            raise ValueError(f"TrainConfig: model must be one of {list(MODELS)} (--model), got {self.model!r}")
         for name in ("epochs", "batch_size", "members", "samples", "adv_steps", "adv_eot_samples",
                      "offline_steps", "eval_samples", "stats_samples", "eval_rows"):
             positive_int(name)
-        positive_int("seed", minimum=0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"TrainConfig: seed must be an int >= 0 (--seed), got {self.seed!r}")
         positive_int("prse_every", minimum=0)
         positive_int("stats_limit", minimum=0)
         positive_int("shift", minimum=0)
@@ -203,17 +228,20 @@ class TrainConfig:
         positive_int("limit", optional=True)
         positive_int("source_epochs", minimum=0, optional=True)
         number("lr", strict=True)
-        for name in ("momentum", "weight_decay", "lam", "warmup", "rampup", "kl_factor", "eps_train",
-                     "noise_eps", "clm_alpha", "clm_delta", "dropout_s", "dropout_lambda", "dropout_alpha",
-                     "dropout_beta", "dropout_gamma"):
+        for name in ("momentum", "weight_decay", "lam", "warmup", "rampup", "kl_factor", "clm_alpha", "clm_delta",
+                     "dropout_s", "dropout_lambda", "dropout_alpha", "dropout_beta", "dropout_gamma"):
             number(name)
+        # l_inf budgets and step sizes of the training attacks and noise: inputs live in [0, 1]
+        budget("eps_train")
+        budget("noise_eps")
+        for name in ("adv_alpha", "offline_eps", "offline_alpha"):
+            budget(name, strict=True, optional=True)
         number("lr_decay", strict=True)
         number("link_fraction", maximum=1.0)
         for name in ("sigma0", "sigma_init", "sigma_inner"):
             number(name, strict=True)
         number("sigma_post", strict=True, optional=True)
-        for name in ("adv_alpha", "offline_eps", "offline_alpha", "grad_clip"):
-            number(name, strict=True, optional=True)
+        number("grad_clip", strict=True, optional=True)
         if not isinstance(self.milestones, (list, tuple)) or any(
                 isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones):
             raise ValueError("TrainConfig: milestones must be a list of positive epoch numbers, "
@@ -280,18 +308,12 @@ def lambda_at(t: float, target: float, warmup: float, rampup: float) -> float:
     return float(target) * min(1.0, (t - warmup) / rampup)
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+def load_config_file(path: str | os.PathLike, *, what: str = "--config", error=BadInputError) -> dict[str, Any]:
     """The settings in a JSON file: a ``--config`` file, or a run's ``config.json`` without its derived
-    facts (:data:`DERIVED_KEYS`); a ``lambda`` key is read as ``lam``."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config: {p} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--config: {p} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config: {p} must hold a JSON object of settings, got {type(data).__name__}")
+    facts (:data:`DERIVED_KEYS`); a ``lambda`` key is read as ``lam``. A file that is missing or holds no
+    JSON object raises ``error`` (:class:`~fastdiv.errors.BadInputError` for a file the user gave) naming
+    ``what``."""
+    data = read_json_file(path, what, error=error)
     # config.json of a run directory carries derived facts; keep only the settings
     data.pop("derived", None)
     for key in DERIVED_KEYS:
@@ -335,7 +357,7 @@ def config_for_run(values: dict[str, Any], config_file=None) -> TrainConfig:
             raise ValueError("resume needs out (--out RUN_DIR): the run directory to continue")
         stored = Path(out) / "config.json"
         if stored.exists():
-            base = load_config_file(stored)
+            base = load_config_file(stored, what="run config", error=CorruptFileError)
             changed = {k: v for k, v in values.items()
                        if k not in RESUME_MUTABLE and k in base and base[k] != v and k != "lam"}
             if "lam" in values and values["lam"] != base.get("lam"):
@@ -343,6 +365,11 @@ def config_for_run(values: dict[str, Any], config_file=None) -> TrainConfig:
             if changed:
                 raise ValueError(f"resume: the run's settings cannot change (only {list(RESUME_MUTABLE[:2])}); "
                                  f"got different {sorted(changed)}")
+            try:  # the stored settings alone: a fault there is the file's, not the flags'
+                TrainConfig.from_dict({**base, "out": out})
+            except ValueError as exc:
+                raise CorruptFileError(f"run config {stored} holds settings fastdiv refuses ({exc}); it is written by "
+                                       "fastdiv train: restore it from a copy of the run directory", stored) from None
             base.update({k: values[k] for k in RESUME_MUTABLE if k in values})
             base["out"] = out
             return TrainConfig.from_dict(base)

@@ -2,17 +2,19 @@
 the trained model of a run directory (:func:`load_run`)."""
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..errors import CorruptFileError, MissingFileError
+from ..files import load_torch_file, match_state_dict, read_json_file
 from .config import TrainConfig
 
-__all__ = ["MemberLogits", "build_model_from_config", "load_run"]
+__all__ = ["MemberLogits", "build_model_from_config", "load_run", "read_run_config"]
 
 
 def build_model_from_config(cfg: TrainConfig | dict, in_shape, num_classes: int) -> nn.Module:
@@ -71,27 +73,77 @@ class MemberLogits(nn.Module):
         return self.ensemble.member_logits(x)
 
 
-def load_run(run_dir: str | os.PathLike, *, which: str = "best", device: str = "cpu") -> tuple[nn.Module, dict]:
+def load_run(run_dir: str | os.PathLike, *, which: str = "best", device: str = "cpu",
+             quiet: bool = False) -> tuple[nn.Module, dict]:
     """The trained model of a run directory and its config.
 
-    which: 'best' (``best.pt``, the best validation accuracy) or 'last' (``checkpoint.pt``).
+    which: 'best' (``best.pt``, the best validation accuracy) or 'last' (the newest complete checkpoint:
+    ``checkpoint.pt``, else ``checkpoint.prev.pt`` with a warning on stderr unless ``quiet``).
     Returns ``(model in eval mode on device, config_dict)``; ``config_dict`` is ``config.json``:
     every :class:`TrainConfig` setting (preset, dataset, data_dir, resize, seed, model, kind,
     eps_train, samples, ...) plus ``in_shape``, ``num_classes`` and ``n_train``.
+
+    Raises :class:`~fastdiv.errors.MissingFileError` when the run directory, its ``config.json`` or the
+    checkpoint does not exist, :class:`~fastdiv.errors.CorruptFileError` (or
+    :class:`~fastdiv.errors.UnsafeFileError`) when one of them cannot be read or does not fit the other.
     """
     run_dir = Path(run_dir)
     if which not in ("best", "last"):
         raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}")
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"load_run: {cfg_path} does not exist (not a fastdiv run directory?)")
-    config = json.loads(cfg_path.read_text())
-    path = run_dir / ("best.pt" if which == "best" else "checkpoint.pt")
-    if not path.exists():
-        raise FileNotFoundError(f"load_run: {path} does not exist (the run has not finished an epoch)")
-    state = torch.load(path, map_location=device, weights_only=True)
-    settings = {k: v for k, v in config.items() if k in TrainConfig.field_names()}
-    model = build_model_from_config(settings, config["in_shape"], config["num_classes"])
-    model.load_state_dict(state["model"])
+        raise MissingFileError(f"load_run: {cfg_path} does not exist (not a fastdiv run directory?)", cfg_path)
+    config = read_run_config(cfg_path)
+    model = build_model_from_config(config, config["in_shape"], config["num_classes"])
+    if which == "best":
+        path = run_dir / "best.pt"
+        if not path.exists():
+            raise MissingFileError(f"load_run: {path} does not exist (the run has not finished an epoch)", path)
+        state = load_torch_file(path, "best weights", fix=_DAMAGED_BEST)
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CorruptFileError(f"best weights {path} is not a fastdiv best.pt: expected a dict with the model's "
+                                   f"state dict under 'model'; found {_described(state)}. {_DAMAGED_BEST}", path)
+        match_state_dict(model, state["model"], "best weights", path, fix=_DAMAGED_BEST)
+    else:
+        from .checkpoint import TrainingCheckpoint
+        from .store import CheckpointStore
+
+        def decode(state, file):
+            ckpt = TrainingCheckpoint.from_state(state, file)
+            match_state_dict(model, ckpt.model, "checkpoint", file, fix="it belongs to another run, or the run's "
+                             "config.json was changed")
+            return ckpt
+
+        loaded = CheckpointStore(run_dir).load_latest(decode)
+        if loaded is None:
+            raise MissingFileError(f"load_run: {run_dir / 'checkpoint.pt'} does not exist (the run has not saved a "
+                                   "checkpoint yet)", run_dir / "checkpoint.pt")
+        if loaded.skipped and not quiet:
+            print(f"fastdiv: warning: {'; '.join(loaded.skipped)}; using {loaded.path} (epoch "
+                  f"{loaded.checkpoint.epoch})", file=sys.stderr)
     model.to(device).eval()
     return model, config
+
+
+_DAMAGED_BEST = "Use --which last (the newest checkpoint), or restore best.pt from a copy of the run directory"
+
+
+def _described(value) -> str:
+    return f"keys {sorted(map(str, value))[:8]}" if isinstance(value, dict) else f"a {type(value).__name__}"
+
+
+def read_run_config(path: Path) -> dict:
+    """A run's ``config.json``: a JSON object of :class:`TrainConfig` settings with ``in_shape`` and
+    ``num_classes``; anything else raises :class:`~fastdiv.errors.CorruptFileError` naming the file."""
+    fix = "It is written by fastdiv train: restore it from a copy of the run directory"
+    config = read_json_file(path, "run config", fix=fix)
+    in_shape, classes = config.get("in_shape"), config.get("num_classes")
+    if not (isinstance(in_shape, list) and in_shape and all(isinstance(s, int) and s > 0 for s in in_shape)
+            and isinstance(classes, int) and classes > 0):
+        raise CorruptFileError(f"run config {path}: expected 'in_shape' (a list of positive ints) and 'num_classes' "
+                               f"(a positive int); found in_shape={in_shape!r}, num_classes={classes!r}. {fix}", path)
+    try:
+        TrainConfig.from_dict({k: v for k, v in config.items() if k in TrainConfig.field_names()})
+    except ValueError as exc:
+        raise CorruptFileError(f"run config {path} holds settings fastdiv refuses ({exc}). {fix}", path) from None
+    return config

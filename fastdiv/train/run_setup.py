@@ -5,6 +5,7 @@ adds the step and the epoch loop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -16,14 +17,17 @@ from torch import nn
 
 from .._seeds import mix_seed
 from ..analysis import members_of
+from ..errors import BadInputError, FastdivError
+from ..files import prepare_output_dir
 from ..nn.randomness import is_stochastic
 from ..runtime import atomic_write_text, resolve_device, seed_globals, setup_ranks
 from . import streams
-from .checkpoint import TrainingCheckpoint, truncate_metrics
+from .checkpoint import TrainingCheckpoint, metric_lines, truncate_metrics, write_metrics
 from .config import TrainConfig, parse_reg
 from .models import MemberLogits, build_model_from_config, load_run
 from .source import StaticSource
 from .stopping import SignalFlag
+from .store import CheckpointStore
 
 __all__ = ["RunSetup"]
 
@@ -43,7 +47,8 @@ class RunSetup:
         self.reg_terms = parse_reg(cfg.reg)
         self.run_dir = Path(cfg.out if cfg.out else f"runs/{cfg.preset or 'custom'}-{cfg.dataset}-s{cfg.seed}"
                             + (f"-{cfg.base}" if cfg.base else ""))
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.store = CheckpointStore(self.run_dir)
+        self.ckpt_path = self.store.path
         self.best_path = self.run_dir / "best.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.signals: SignalFlag | None = None
@@ -64,19 +69,18 @@ class RunSetup:
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Builds the run (rank 0 creates the run directory) and, with ``resume``, restores its checkpoint."""
+        """Builds the run (rank 0 creates the run directory) and, with ``resume``, restores its checkpoint.
+        Everything that can be refused (the output directory, the data, the model, ``init_from``) is checked
+        before the run directory is created; a failure after that removes the directories this call created
+        while they are still empty."""
         cfg = self.cfg
         # looked up at call time (tests substitute fastdiv.data.load_dataset)
         from ..data import load_dataset
 
-        if not cfg.resume and self.ckpt_path.exists():  # every rank sees it: no rank waits for a dead one
+        prepare_output_dir(self.run_dir, "--out")
+        if not cfg.resume and self.store.exists():  # every rank sees it: no rank waits for a dead one
             raise FileExistsError(f"{self.run_dir} already holds a checkpoint.pt; pass --resume to continue it "
                                   f"or choose another --out")
-        if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.run_dir.glob(".*.tmp"):  # left by a run killed while saving
-                stale.unlink(missing_ok=True)
-        self._barrier()
         self.data = load_dataset(cfg.dataset, cfg.data_dir, resize=cfg.resize, seed=cfg.seed, limit=cfg.limit)
         self.x_train, self.y_train = self.data.train.tensors
         self.x_val, self.y_val = self.data.val.tensors
@@ -84,16 +88,41 @@ class RunSetup:
             raise ValueError(f"dataset {cfg.dataset!r} has an empty training split")
         self.in_shape = tuple(int(s) for s in self.data.in_shape)
         self.num_classes = int(self.data.num_classes)
-
         seed_globals(cfg.seed)
         self.model = build_model_from_config(cfg, self.in_shape, self.num_classes).to(self.device)
         if cfg.init_from:
-            src, _ = load_run(cfg.init_from, which="best", device=str(self.device))
-            try:
-                self.model.load_state_dict(src.state_dict())
-            except RuntimeError as e:
-                raise ValueError(f"init_from {cfg.init_from!r}: its model does not match this run's "
-                                 f"({cfg.model}, {cfg.wrapper} of {cfg.members}): {e}") from None
+            self._init_from(cfg.init_from)
+
+        created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()] if self.dist.main else []
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".*.tmp"):  # left by a run killed while saving
+                stale.unlink(missing_ok=True)
+        self._barrier()
+        try:
+            self._build()
+        except BaseException:
+            for d in created:  # innermost first; a directory that holds anything stays
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+
+    def _init_from(self, run: str) -> None:
+        """Loads the best model of the run directory ``run`` (``--init-from``) into the model."""
+        cfg = self.cfg
+        try:
+            src, _ = load_run(run, which="best", device=str(self.device))
+        except FastdivError as exc:
+            raise type(exc)(f"--init-from: {exc}", exc.path) from None
+        try:
+            self.model.load_state_dict(src.state_dict())
+        except RuntimeError as e:
+            raise BadInputError(f"--init-from {run!r}: its model does not match this run's ({cfg.model}, "
+                                f"{cfg.wrapper} of {cfg.members}): {str(e).splitlines()[0]}") from None
+
+    def _build(self) -> None:
+        """The rest of :meth:`setup`, once the run directory exists."""
+        cfg = self.cfg
         self.members = members_of(self.model)
         # the module the training (and evaluation) forwards go through: a population trains every
         # member on every batch through an Ensemble view of its members (sample s = member s; the
@@ -153,20 +182,25 @@ class RunSetup:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best = {"val_acc": -1.0, "epoch": 0}
         self.partial = None
-        resumed = False
-        if cfg.resume and self.ckpt_path.exists():
-            self._load_checkpoint()
-            resumed = True
+        self.metrics: list[dict[str, Any]] = []
+        ckpt = self._load_checkpoint() if cfg.resume else None
         if self.dist.main:
             # rewritten on resume too: --epochs may have been extended
             atomic_write_text(json.dumps(self.config_record(), indent=2) + "\n", self.run_dir / "config.json")
-            if not resumed and self.metrics_path.exists() and not cfg.resume:
-                self.metrics_path.unlink()
-            truncate_metrics(self.metrics_path, self.epoch)
+            if ckpt is None:
+                self.metrics_path.unlink(missing_ok=True)
+            elif ckpt.metrics is not None:
+                # exactly the epochs the checkpoint completed: a line written after it (the run was killed
+                # before the next checkpoint) goes, one it completed but the kill kept out of the file returns
+                self.metrics = [dict(r) for r in ckpt.metrics]
+                write_metrics(self.metrics_path, self.metrics)
+            else:  # a checkpoint of an older version, without the records: the file is cut to its epoch
+                truncate_metrics(self.metrics_path, self.epoch)
+                self.metrics = metric_lines(self.metrics_path)
         self.log(f"fastdiv train: {cfg.preset or 'custom'} on {self.data.describe()}; {self._model_summary()}; "
                  f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {self.device}"
                  + (f" x {self.dist.world} processes" if self.dist.enabled else "")
-                 + (f"; resumed at epoch {self.epoch + 1} step {self.step_in_epoch + 1}" if resumed else "")
+                 + (f"; resumed at epoch {self.epoch + 1} step {self.step_in_epoch + 1}" if ckpt is not None else "")
                  + f"; run dir {self.run_dir}")
 
     def _model_summary(self) -> str:
@@ -191,11 +225,41 @@ class RunSetup:
         per_rank = math.ceil(self.n_train / self.dist.world)
         return max(1, math.ceil(per_rank / self.local_batch))
 
-    def _load_checkpoint(self) -> None:
-        ckpt = TrainingCheckpoint.load(self.ckpt_path, self.device)
-        ckpt.restore(self.model, self.opt, self.sched, self.device)
+    def _load_checkpoint(self) -> TrainingCheckpoint | None:
+        """Restores the newest usable checkpoint (:meth:`CheckpointStore.load_latest`: ``checkpoint.pt``,
+        else ``checkpoint.prev.pt``, each verified by its checksum and by fitting this run) and returns it;
+        None when the run has no checkpoint and recorded no epoch (it starts at epoch 1). A run that
+        recorded epochs but lost its checkpoints is refused rather than silently restarted."""
+
+        def decode(state, path):
+            ckpt = TrainingCheckpoint.from_state(state, path)
+            ckpt.restore(self.model, self.opt, self.sched, self.device, path)
+            return ckpt
+
+        # read to the CPU: load_state_dict moves the weights and optimizer state to the run's device, and the RNG
+        # states must stay CPU byte tensors (torch.cuda.set_rng_state refuses a CUDA tensor)
+        loaded = self.store.load_latest(decode, map_location="cpu")
+        if loaded is None:
+            recorded = metric_lines(self.metrics_path)
+            if recorded:
+                best = " and best.pt" if self.best_path.exists() else ""
+                raise BadInputError(
+                    f"--resume: {self.run_dir} has no checkpoint.pt, but its metrics.jsonl{best} record "
+                    f"{len(recorded)} completed epoch(s): resuming would start again at epoch 1 and overwrite them. "
+                    f"Restore checkpoint.pt from a copy of the run directory, or train a new run with another --out",
+                    self.store.path)
+            if self.dist.main:
+                print(f"fastdiv train: note: {self.run_dir} has no checkpoint and no completed epoch yet: starting at "
+                      "epoch 1", file=sys.stderr, flush=True)
+            return None
+        ckpt = loaded.checkpoint
+        if loaded.skipped and self.dist.main:
+            print(f"fastdiv train: warning: skipped {'; skipped '.join(loaded.skipped)}; resuming from {loaded.path} "
+                  f"(epoch {ckpt.epoch + 1}, step {ckpt.step_in_epoch + 1}), the last verified checkpoint",
+                  file=sys.stderr, flush=True)
         self.epoch = ckpt.epoch
         self.step_in_epoch = ckpt.step_in_epoch
         self.global_step = ckpt.global_step
         self.best = ckpt.best
         self.partial = ckpt.partial
+        return ckpt

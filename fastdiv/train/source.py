@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._seeds import mix_seed
+from ..errors import CorruptFileError
+from ..files import load_torch_file, match_state_dict
 from ..runtime import Ranks, atomic_save
 from . import streams
 from .batches import offline_eps
@@ -60,8 +62,10 @@ class StaticSource:
         src = build_model(cfg.model, in_shape=self.in_shape, num_classes=self.num_classes,
                           kind="deterministic").to(self.device)
         if path.exists():
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            src.load_state_dict(state["model"])
+            fix = f"delete {path} to train the source model again"
+            state = load_torch_file(path, "source model", fix=fix, map_location=self.device)
+            match_state_dict(src, state.get("model") if isinstance(state, dict) else state, "source model", path,
+                             fix=fix)
             return src.eval()
         if not self.dist.main:
             raise RuntimeError(f"{path} is missing on rank {self.dist.rank}")
@@ -120,5 +124,20 @@ class StaticSource:
                 xs.append(atk(x, y).cpu())
             atomic_save({"x": torch.cat(xs), "y": self.y_train[:n].clone()}, path)
         self.barrier()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return state["x"], state["y"]
+        fix = f"delete {path} to craft the offline examples again"
+        state = load_torch_file(path, "offline examples", fix=fix)
+        x, y = (state.get("x"), state.get("y")) if isinstance(state, dict) else (None, None)
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape[1:] == self.x_train.shape[1:]
+                and y.shape == x.shape[:1]):
+            shape = ", ".join(map(str, self.in_shape))
+            raise CorruptFileError(f"offline examples {path}: expected tensors 'x' [N, {shape}] and 'y' [N]; found "
+                                   f"{_shapes(state)}. {fix}", path)
+        return x, y
+
+
+def _shapes(state) -> str:
+    """What a loaded file holds, in a few words (for messages)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    return ", ".join(f"{k}: {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                     for k, v in list(state.items())[:6]) or "an empty dict"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import signal
 
+from ..errors import FastdivError
+
 __all__ = ["SignalFlag", "TrainingDiverged", "TrainingInterrupted"]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the run stopped and kept its last good checkpoint."""
+class TrainingDiverged(FastdivError, RuntimeError):
+    """The loss became NaN or Inf; the run stopped and kept its last good checkpoint (exit code 3)."""
 
     exit_code = 3
 

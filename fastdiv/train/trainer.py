@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_logits_output
 from .._seeds import mix_seed
 from ..nn.sampling import supports_batched
-from ..runtime import seed_globals
+from ..runtime import crash_point, seed_globals
 from . import streams
 from .batches import adversarial_examples, epoch_indices, prepare_batch
 from .checkpoint import TrainingCheckpoint, append_metrics, save_best
@@ -36,11 +37,15 @@ class Trainer(RunSetup):
     """A run that trains: :meth:`run` runs the epochs from the current position to ``cfg.epochs``."""
 
     def save_checkpoint(self) -> None:
+        """Saves the run's position (rank 0) through the store: the previous checkpoint is kept until this
+        one is complete, and the metric records of the completed epochs go with it."""
         if self.dist.main:
-            TrainingCheckpoint.capture(epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                                       global_step=self.global_step, model=self.model, optimizer=self.opt,
-                                       scheduler=self.sched, device=self.device, best=self.best,
-                                       partial=self.partial, preset=self.cfg.preset).save(self.ckpt_path)
+            ckpt = TrainingCheckpoint.capture(epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                                              global_step=self.global_step, model=self.model, optimizer=self.opt,
+                                              scheduler=self.sched, device=self.device, best=self.best,
+                                              partial=self.partial, preset=self.cfg.preset, metrics=self.metrics)
+            self.store.save(ckpt.to_dict(), {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                                             "global_step": self.global_step})
 
     # -- one step ---------------------------------------------------------------------------------
     def _forward_model(self) -> nn.Module:
@@ -176,6 +181,7 @@ class Trainer(RunSetup):
                 acc["kappa_p"] += out["kappa_p"]
                 acc["kappa_steps"] += 1
             self.step_in_epoch = step + 1
+            crash_point("train-step")
             if bar is not None:
                 post = {"loss": f"{out['loss']:.4f}", "acc": f"{out['acc']:.3f}", "λ": f"{lam:.3g}"}
                 post["κ̂/p"] = f"{out['kappa_p']:.3g}" if "kappa_p" in out else "-"
@@ -242,9 +248,10 @@ class Trainer(RunSetup):
                 self.best = {"val_acc": ev["val_acc"], "epoch": epoch + 1}
                 save_best(self.best_path, epoch=epoch + 1, val_acc=ev["val_acc"], model=self.model, preset=cfg.preset,
                           config=self.config_record())
-            # the metrics line goes first: a kill before the checkpoint is replaced re-runs the epoch
-            # and truncate_metrics drops the stale line
-            append_metrics(self.metrics_path, record)
+            # the record goes into the checkpoint, and metrics.jsonl gets its line only once the checkpoint
+            # is saved: a kill before that re-runs the epoch from the previous checkpoint (whose records
+            # metrics.jsonl is rewritten to), a kill after it finds the line in the checkpoint
+            self.metrics.append(record)
         self.partial = None
         if self.dist.enabled:
             best = torch.tensor([self.best["val_acc"], float(self.best["epoch"])], device=self.device,
@@ -253,6 +260,7 @@ class Trainer(RunSetup):
             self.best = {"val_acc": float(best[0]), "epoch": int(best[1])}
         self.save_checkpoint()
         if self.dist.main:
+            append_metrics(self.metrics_path, record)
             r = record
             stats = "" if r["kappa_p"] is None else (f"  ρ̂ {r['rho']:.3f}  κ̂/p {r['kappa_p']:.4g}  cos "
                                                       f"{r['mean_cos']:.3f}  dpp {r['dpp']:.3g}")
@@ -271,20 +279,24 @@ def sample_logits_with_graph(model: nn.Module, x: torch.Tensor, n: int, seed: in
     Not :func:`fastdiv.analysis.sample_logits`, which evaluates (no graph), gives a deterministic model
     one sample rather than n and chunks large batches."""
     from ..nn.sampling import sampling
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:  # floating-point logits [N, C], or a clear error
+        return check_logits_output(model(inputs), inputs.shape[0], "fastdiv train")
+
     batch = x.shape[0] // n if stacked else x.shape[0]
     if not randomized:
-        out = model(x)
+        out = forward(x)
         return out.view(n, batch, -1) if stacked else out.unsqueeze(0).expand(n, *out.shape)
     if batched:
         xr = x if stacked else x.repeat(n, *([1] * (x.dim() - 1)))
         with sampling(model, n, seed):
-            out = model(xr)
+            out = forward(xr)
         return out.view(n, batch, -1)
     parts = []
     for s in range(n):
         xs = x[s * batch:(s + 1) * batch] if stacked else x
         with sampling(model, n, seed, index=s):
-            parts.append(model(xs))
+            parts.append(forward(xs))
     return torch.stack(parts)
 
 
@@ -299,7 +311,10 @@ def train(config: dict | TrainConfig, *, quiet: bool = False) -> Path:
 
     Raises :class:`TrainingDiverged` on a non-finite loss and :class:`TrainingInterrupted` after
     SIGINT/SIGTERM (both after keeping a usable checkpoint), ``FileExistsError`` when ``out``
-    already holds a checkpoint and ``resume`` is false.
+    already holds a checkpoint and ``resume`` is false; a :mod:`fastdiv.errors` error for bad settings,
+    an ``out`` that is a file or cannot be written (both before anything is created), a damaged or
+    unsafe file (:class:`~fastdiv.errors.CorruptFileError`) and a full disk (an ``OSError`` with
+    ``errno.ENOSPC``; the previous checkpoint is kept).
     """
     if isinstance(config, TrainConfig):
         cfg = config
