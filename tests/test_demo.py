@@ -1,5 +1,5 @@
 """``fastdiv demo --quick`` end to end: trains both presets on synthetic data, evaluates them and writes
-the side-by-side report (tiny settings; the full demo is measured in benchmarks/results/evaluate.md)."""
+the side-by-side report (tiny settings; the full demo is measured in benchmarks/RESULTS.md)."""
 from __future__ import annotations
 
 import json

@@ -15,7 +15,7 @@ def render_reproduction(report: dict) -> str:
     md.para("Each claim trains its defense and its baseline on every seed (same seed for both) and measures both; "
             "the effect is defense − baseline, its ± the seed-to-seed standard deviation. Verdict: *reproduced* "
             "when the mean effect has the paper's sign and exceeds 2 standard errors, *not reproduced* when it "
-            "exceeds them with the opposite sign, else *inconclusive* (always with a single seed). "
+            "exceeds them with the opposite sign, else *inconclusive* (always with fewer than 3 seeds). "
             f"ε = {', '.join(fmt_num(e) for e in report['eps'])} (0.67, 1 and 1.33 × ε_train). "
             f"Total time {report['total_s']:.0f} s, torch {report['torch_version']}, {report['threads']} threads.")
     rows = []
