@@ -5,8 +5,10 @@ Every function takes ``grads``: the input gradients of n sample models at B inpu
 sample-batched backward returns; no copy is made). Features are flattened to D values. Rows are
 normalized to unit length first, ``u_i = g_i / ||g_i||``; a gradient whose norm is at most ``eps``
 (an all-zero gradient, say) has no direction: its u is the zero vector and it receives zero gradient, so
-zero or duplicate rows never produce NaN or Inf. NaN or Inf in ``grads`` give NaN in the result (no
-error).
+zero or duplicate rows never produce NaN or Inf. Finite ``grads`` give finite results at any scale: rows
+whose squares would overflow or underflow the accumulation dtype (fp32: |g| ~ 1e19 or ~1e-23) are
+rescaled by a power of two first, so every backend gives the float64 values of the same data (up to
+rounding), gradients included. NaN or Inf in ``grads`` give NaN in the result (no error).
 
 Losses return one value per input reduced with ``reduction`` ('mean' over the batch, the default;
 'sum'; or 'none' for the ``[B]`` vector) in float32 (float64 for float64 inputs, whatever the input
@@ -77,11 +79,16 @@ def cosine_gram(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, b
     be = resolve_backend(backend, x, fn)
     if be == "torch":
         return reference.cosine_gram(x, eps).to(reference._head_dtype(x))
-    s, _ = gram_ops.gram(x, ns=NAMESPACES[be])
+    # the Gram of y = s g, s the row scales of reference.row_scale (powers of two, 1 for rows whose squares
+    # stay in range): the cosines are those of g, without overflow or underflow of ||g||^2
+    acc = reference._head_dtype(x)
+    scale = reference.row_scale(x.detach().to(acc))
+    s, _ = gram_ops.gram(x * scale.to(x.dtype), ns=NAMESPACES[be])
     sq = torch.diagonal(s, dim1=1, dim2=2)
-    # 1/||g|| above the norm floor, 0 at or below it (NaN selects the rsqrt branch and propagates);
+    floor = (eps * scale[:, :, 0]) ** 2  # ||g|| <= eps  <=>  ||y||^2 <= (eps s)^2
+    # 1/||y|| above the norm floor, 0 at or below it (NaN selects the rsqrt branch and propagates);
     # the clamp keeps the unselected branch's gradient finite
-    inv_r = torch.where(sq <= eps * eps, torch.zeros_like(sq), sq.clamp_min(eps * eps).rsqrt())
+    inv_r = torch.where(sq <= floor, torch.zeros_like(sq), torch.maximum(sq, floor).rsqrt())
     return s * inv_r[:, :, None] * inv_r[:, None, :]
 
 

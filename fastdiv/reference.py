@@ -44,6 +44,31 @@ def _head_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+#: Row scaling (fastdiv/csrc/head_math.h, "Row scaling"): a row whose largest |g_k| is outside
+#: [2^-safe, 2^safe] is used as s g with s the power of two that brings its maximum into [0.5, 1), so its
+#: squares neither overflow (fp32: |g| ~ 1e19) nor flush to zero (|g| ~ 1e-23); s is exact and every loss
+#: depends on g / ||g|| only. (safe, largest |exponent| of s) per head dtype.
+ROW_SCALE_EXPONENTS = {torch.float32: (40, 126), torch.float64: (450, 1022)}
+
+
+def row_scale(x: torch.Tensor, per_input: bool = False) -> torch.Tensor:
+    """Per-row powers of two ``s`` ([..., 1], x's dtype, no gradient) for rows ``x`` [..., D] of a float32
+    or float64 tensor. A row needs a scale when its largest |x| is finite, nonzero and outside the safe
+    range; its scale is 2^-e for max |x| = f 2^e, f in [0.5, 1), e clamped so that s stays a normal number.
+    Other rows get 1 (all-zero rows and rows with NaN or Inf, which must give NaN, always do). With
+    ``per_input`` (x [B, n, D]), every row of an input with a row that needs a scale gets its 2^-e, as the
+    compiled Gram losses scale them (fastdiv/csrc/head_math.h, "Row scaling")."""
+    safe, limit = ROW_SCALE_EXPONENTS[torch.float64 if x.dtype == torch.float64 else torch.float32]
+    m = x.detach().abs().amax(dim=-1, keepdim=True)
+    _, e = torch.frexp(m)
+    s = torch.ldexp(torch.ones_like(m), (-e).clamp(-limit, limit))
+    scalable = torch.isfinite(m) & (m > 0)
+    needs = scalable & ~((m >= 2.0**-safe) & (m <= 2.0**safe))
+    if per_input:
+        needs = scalable & needs.any(dim=-2, keepdim=True)
+    return torch.where(needs, s, torch.ones_like(m))
+
+
 def normalize(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """u = g / ||g||_2 over the flattened feature dims (0 where ||g|| <= eps); shape and dtype of ``grads``."""
     return unit_rows(grads, eps).to(grads.dtype).reshape(grads.shape)
@@ -51,12 +76,17 @@ def normalize(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 def unit_rows(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Unit gradient directions flattened to ``[B, n, D]``, computed in at least fp32 (eps = 1e-12 is
-    not representable in half precision); rows with norm <= eps become zero."""
+    not representable in half precision); rows with norm <= eps become zero. Rows out of the range of
+    their squares are rescaled first (row_scale): u = y / ||y|| for y = s g, with the floor
+    ||g|| = ||y|| / s <= eps."""
     x = grads.flatten(2).to(_head_dtype(grads))
-    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    # r <= eps (not r > eps) lets a NaN norm select x / r and reach the output; the clamp keeps the
+    s = row_scale(x)
+    y = x * s
+    r = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    floor = eps * s
+    # r <= floor (not r > floor) lets a NaN norm select y / r and reach the output; the clamp keeps the
     # unselected branch finite, so its zero gradient is not 0 * inf = NaN
-    return torch.where(r <= eps, torch.zeros_like(x), x / r.clamp_min(eps))
+    return torch.where(r <= floor, torch.zeros_like(y), y / torch.maximum(r, floor))
 
 
 def cosine_gram(grads: torch.Tensor, eps: float = EPS) -> torch.Tensor:

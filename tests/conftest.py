@@ -134,6 +134,27 @@ def assert_parity(fused: torch.Tensor, ref_lowp: torch.Tensor, ref64: torch.Tens
                               f"{err_ref:.3e} + floor {PARITY_FLOOR[dtype] * scale:.1e}")
 
 
+def assert_as_accurate(got: torch.Tensor, truth: torch.Tensor, ref: torch.Tensor, ref_truth: torch.Tensor,
+                       dtype: torch.dtype, what: str = "value") -> None:
+    """The parity rule for results on two inputs with the same answer: ``got`` on one input (``truth``, the
+    fp64 result on the same data) must be at most about as wrong as ``ref`` on the other (``ref_truth``):
+
+        max |got - truth| <= 2 * max |ref - ref_truth| + PARITY_FLOOR[dtype] * max(1, max |ref_truth|)
+
+    E.g. rows scaled by powers of two against the same rows at scale 1: the losses depend on g / ||g||
+    only, so a kernel must be as accurate on the scaled rows as on the unscaled ones."""
+    got, truth, ref, ref_truth = got.double(), truth.double(), ref.double(), ref_truth.double()
+    assert got.shape == truth.shape == ref.shape == ref_truth.shape, f"{what}: shapes differ"
+    assert torch.isfinite(truth).all() and torch.isfinite(ref_truth).all(), f"{what}: the fp64 truth is not finite"
+    assert torch.isfinite(got).all(), f"{what}: result has NaN/Inf: {got}"
+    if got.numel() == 0:
+        return
+    err = (got - truth).abs().max().item()
+    err_ref = (ref - ref_truth).abs().max().item()
+    tol = 2 * err_ref + PARITY_FLOOR[dtype] * max(1.0, ref_truth.abs().max().item())
+    assert err <= tol, f"{what} ({dtype}): error {err:.3e} > 2 * error at the reference input {err_ref:.3e} + floor"
+
+
 def assert_close64(actual: torch.Tensor, expected: torch.Tensor, what: str = "", rtol: float = 1e-9,
                    atol: float = 1e-10) -> None:
     """fp64-level agreement, with the absolute tolerance scaled by the magnitude of ``expected``."""

@@ -717,6 +717,105 @@ def test_range_tolerance():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Models that return NaN or Inf logits; the [0, 1] box
+# ---------------------------------------------------------------------------------------------------
+
+
+class NonFinite(nn.Module):
+    """The trained MLP, with NaN (or +Inf in one class) logits for the inputs whose first pixel is above
+    0.5: the corner pixel, 0 in every digit, set to 1 in the examples that should get them (an eps = 0.1
+    attack cannot move it across 0.5)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.inner, self.value = trained_mlp(), value
+
+    def forward(self, x):
+        out = self.inner(x)
+        marked = x.flatten(1)[:, :1] > 0.5
+        if math.isnan(self.value):
+            return torch.where(marked, torch.full_like(out, math.nan), out)
+        return torch.where(marked & (torch.arange(out.shape[1]) == 3), torch.full_like(out, self.value), out)
+
+
+def marked_batch(rows=(3, 7)):
+    x, y = test_batch(10)
+    assert (x[:, 0, 0, 0] == 0).all()
+    x[list(rows), 0, 0, 0] = 1.0
+    return x, y
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_non_finite_logits_raise(name, value):
+    """Every attack stops at the first forward that returns NaN or Inf logits (here the first of the call)
+    with a ValueError naming the attack, the number of such examples and the first one's index, in every
+    EOT mode and targeted; it never returns a NaN image or one outside [0, 1]."""
+    model = NonFinite(value)
+    x, y = marked_batch()
+    cls = ATTACKS[name]
+    message = (rf"^{cls.__name__}: the model returned non-finite logits \(NaN or Inf\) for 2 example\(s\) of "
+               r"the batch, first index 3")
+    for eot in ("mean", "fixed"):
+        with pytest.raises(ValueError, match=message):
+            make(name, model, eot=eot, eot_samples=2, seed=0)(x, y)
+    if cls.supports_target:
+        with pytest.raises(ValueError, match=message):
+            make(name, model, seed=0)(x, y, target=targets_for(y))
+    # the others alone are attacked as usual
+    keep = torch.tensor([i not in (3, 7) for i in range(10)])
+    atk = make(name, model, seed=0)
+    assert_in_threat_model(atk(x[keep], y[keep]), x[keep], atk.eps, "l2" if name in L2_ATTACKS else "linf", name)
+
+
+class NanOnSubsets(nn.Module):
+    """The trained MLP, with NaN logits near example 5 of the batch x0 whenever the forward sees fewer
+    rows than x0 has: only the forwards of an attack that work on the examples not yet fooled."""
+
+    def __init__(self, x0) -> None:
+        super().__init__()
+        self.inner, self.rows, self.row = trained_mlp(), x0.shape[0], x0[5].flatten()
+
+    def forward(self, x):
+        out = self.inner(x)
+        if x.shape[0] >= self.rows:
+            return out
+        near = (x.flatten(1) - self.row).abs().amax(1, keepdim=True) < 0.3
+        return torch.where(near, torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize("make_attack", [
+    lambda m: PGD(m, eps=0.1, steps=2, restarts=2, seed=0, eot="fixed", stochastic=False),
+    lambda m: Square(m, eps=0.1, n_queries=5, seed=0, eot="fixed", stochastic=False),
+    lambda m: ATTACKS["fab-t"](m, **FAST["fab-t"], seed=0, eot="fixed", stochastic=False),
+    lambda m: TransferAttack([m], PGD, eps=0.1, steps=2, restarts=2, seed=0),
+], ids=["pgd-restarts", "square", "fab-t", "transfer"])
+def test_non_finite_logits_on_a_subset_name_the_callers_example(make_attack):
+    """NaN logits first seen in a forward on a subset of the batch (the examples not yet fooled: examples
+    0-2 have wrong labels, so they count as fooled from the start): the error still gives the index of the
+    example in the caller's batch."""
+    x, y = test_batch(10)
+    y[:3] = (y[:3] + 1) % 10
+    with pytest.raises(ValueError, match=r"non-finite logits \(NaN or Inf\) for 1 example\(s\) of the batch, "
+                                         r"first index 5"):
+        make_attack(NanOnSubsets(x))(x, y)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attacks_stay_in_the_box_at_its_corners(name):
+    """Images at 0 and 1 everywhere (every step pushes out of the box) and in between: every attack, also
+    targeted, returns values in [0, 1] and finite."""
+    model = trained_mlp()
+    x, y = test_batch(6)
+    x[0], x[1], x[2] = 0.0, 1.0, (x[2] > 0.5).float()
+    atk = make(name, model, seed=0)
+    norm = "l2" if name in L2_ATTACKS else "linf"
+    assert_in_threat_model(atk(x, y), x, atk.eps, norm, name)
+    if atk.supports_target:
+        assert_in_threat_model(atk(x, y, target=targets_for(y)), x, atk.eps, norm, f"{name} targeted")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Targeted mode
 # ---------------------------------------------------------------------------------------------------
 

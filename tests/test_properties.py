@@ -1,5 +1,6 @@
 """Property tests (hypothesis) of the losses and statistics on both backends, in float64:
-invariances, closed forms on orthogonal and identical rows, and identities between the losses."""
+invariances, closed forms on orthogonal and identical rows, and identities between the losses; and in
+fp32 / bf16 / fp16, rows at any scale of their range against the float64 results on the same data."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 import fastdiv
 from fastdiv import reference
 
-from conftest import BACKENDS, LOSS_CASES, STAT_FIELDS, assert_close64
+from conftest import BACKENDS, LOSS_CASES, STAT_FIELDS, assert_as_accurate, assert_close64, dtype_id
 
 SETTINGS = settings(max_examples=25, deadline=None, database=None, derandomize=True)
 
@@ -178,3 +179,54 @@ def test_backends_agree(shape, seed):
         assert_close64(fused[name][1], ref[name][1], f"{name} gradient", rtol=1e-8)
     for field in STAT_FIELDS:
         assert_close64(getattr(stats(x, "cpu"), field), getattr(stats(x, "torch"), field), field)
+
+
+# Rows whose squares leave the accumulation dtype's range (docs/losses.md): row i of an input scaled by
+# 2^k_i, each k_i drawn from the dtype's range (fp32 and bf16 squares overflow from |g| ~ 2^64 and flush
+# to 0 below ~2^-75; 2^+-100 ~ 1e+-30; fp16 accumulates in fp32, and its scales keep the inputs and their
+# gradients, ~2^-k, normal fp16 numbers). A norm floor of 1e-36 keeps the tiniest rows (norm ~2^-100
+# sqrt(D)) above it.
+ROW_EXPONENTS = {torch.float32: (-100, 100), torch.bfloat16: (-100, 100), torch.float16: (-6, 6)}
+TINY_EPS = 1e-36
+
+
+def _everything(x: torch.Tensor, backend: str, w: torch.Tensor) -> dict:
+    """{name: (value, gradient)} of every loss, normalize and cosine_gram, and the statistics (no gradient),
+    in float64; the upstream weights w [B] weigh each input's outputs."""
+    out = {}
+    fns = [(c.id, lambda t, c=c: c(t, backend=backend, reduction="none", eps=TINY_EPS)) for c in LOSS_CASES]
+    fns += [(fn.__name__, lambda t, fn=fn: fn(t, backend=backend, eps=TINY_EPS))
+            for fn in (fastdiv.normalize, fastdiv.cosine_gram)]
+    for name, fn in fns:
+        leaf = x.clone().requires_grad_()
+        v = fn(leaf)
+        (v * w.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))).sum().backward()
+        out[name] = (v.detach().double(), leaf.grad.double())
+    for q in (1.0, math.inf):
+        st_ = stats(x, backend, q=q, eps=TINY_EPS)
+        for field in STAT_FIELDS:
+            out[f"{field} q={q}"] = (getattr(st_, field).double(), None)
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(ROW_EXPONENTS), ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+@SETTINGS
+@given(shape=dims, seed=seeds, data=st.data())
+def test_rows_at_any_scale_match_float64(backend, dtype, shape, seed, data):
+    """Every result on rows scaled by 2^k_i (k_i drawn per row) is as accurate against the float64 results
+    on the same data as on the unscaled rows (assert_as_accurate); gradients times the row scale."""
+    b, n, d = shape
+    lo, hi = ROW_EXPONENTS[dtype]
+    k = torch.tensor(data.draw(st.lists(st.integers(lo, hi), min_size=b * n, max_size=b * n)), dtype=torch.float64)
+    f = torch.pow(2.0, k).view(b, n, 1)
+    base = gaussian(shape, seed).to(dtype)
+    x = (base.double() * f).to(dtype)
+    w = torch.rand(b, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) + 0.5
+    got, ref = _everything(x, backend, w), _everything(base, backend, w)
+    t_got, t_ref = _everything(x.double(), "torch", w), _everything(base.double(), "torch", w)
+    for name in got:
+        assert_as_accurate(got[name][0], t_got[name][0], ref[name][0], t_ref[name][0], dtype, f"{name} value")
+        if got[name][1] is not None:
+            assert_as_accurate(got[name][1] * f, t_got[name][1] * f, ref[name][1], t_ref[name][1], dtype,
+                               f"{name} gradient")

@@ -224,7 +224,7 @@ class APGDT(APGD):
                 idx = (best_margin <= 0).nonzero().squeeze(1)
                 if idx.numel() == 0:
                     return best
-                sub = call.with_target(ranked[idx, r], success_target=False)
+                sub = call.subset(idx).with_target(ranked[idx, r], success_target=False)
                 cand = self._once(x0[idx], y[idx], sub)
                 margin = self._margin(cand, y[idx], sub, eval_seed)
                 better = margin > best_margin[idx]

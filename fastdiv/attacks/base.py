@@ -76,25 +76,26 @@ class _Call:
 
     ``target`` (``[B]`` or None): the class the loss is descended toward. ``success_target``: success
     means "classified as ``target``" (a targeted call) rather than "misclassified" (APGD-T uses
-    targets only to guide its loss).
+    targets only to guide its loss). ``rows`` (``[B]`` or None for all): the positions of the batch's
+    examples in the caller's batch, so that an error names the caller's example.
     """
 
     def __init__(self, rng: _Rng, fixed_seed: int, randomness: Randomness, target: torch.Tensor | None = None,
-                 success_target: bool = True) -> None:
+                 success_target: bool = True, rows: torch.Tensor | None = None) -> None:
         self.rng = rng
         self.fixed_seed = fixed_seed
         self.randomness = randomness
         self.target = target
         self.success_target = success_target
+        self.rows = rows
 
     def subset(self, idx: torch.Tensor) -> _Call:
         """The same call restricted to the examples ``idx`` (same RNG: draws continue)."""
-        if self.target is None:
-            return self
-        return _Call(self.rng, self.fixed_seed, self.randomness, self.target[idx], self.success_target)
+        return _Call(self.rng, self.fixed_seed, self.randomness, None if self.target is None else self.target[idx],
+                     self.success_target, idx if self.rows is None else self.rows[idx])
 
     def with_target(self, target: torch.Tensor | None, success_target: bool) -> _Call:
-        return _Call(self.rng, self.fixed_seed, self.randomness, target, success_target)
+        return _Call(self.rng, self.fixed_seed, self.randomness, target, success_target, self.rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,8 +348,25 @@ class Attack:
         :meth:`_objective` (targeted when the call has a target)."""
         n = self.num_samples if num_samples is None else num_samples
         labels, loss = self._objective(loss, y, call)
-        return self._wrap_errors(sample_input_grads, self.model, x, labels, n, loss=loss, strategy=self.strategy,
-                                 generator=self._step_seed(call), stochastic=call.randomness)
+        grads, logits = self._wrap_errors(sample_input_grads, self.model, x, labels, n, loss=loss,
+                                          strategy=self.strategy, generator=self._step_seed(call),
+                                          stochastic=call.randomness)
+        self._check_finite(logits, call)
+        return grads, logits
+
+    def _check_finite(self, logits: torch.Tensor, call: _Call) -> None:
+        """Raises where the model returned NaN or Inf logits ``[n, B, C]`` for the batch of ``call``: every
+        model output reaches the attack through :meth:`_grads` or :meth:`_sample_logits_of`, so the first
+        forward that sees them stops the call, before a NaN step could leave the [0, 1] box or be
+        returned as an adversarial example. One ``isfinite().all()`` per forward."""
+        if bool(torch.isfinite(logits).all()):
+            return
+        bad = (~torch.isfinite(logits)).flatten(2).any(-1).any(0).nonzero().flatten()
+        mapped = call.rows is not None and call.rows.numel() == logits.shape[1]
+        rows = (call.rows[bad] if mapped else bad).unique()
+        raise ValueError(f"{self.name}: the model returned non-finite logits (NaN or Inf) for {rows.numel()} "
+                         f"example(s) of the batch, first index {int(rows.min())}; the attack cannot follow "
+                         f"them (check the model, e.g. its normalization, for these inputs)")
 
     @staticmethod
     def _success_margin(logits: torch.Tensor, y: torch.Tensor, call: _Call) -> torch.Tensor:
@@ -369,8 +387,11 @@ class Attack:
                           ) -> list[torch.Tensor]:
         """:meth:`_sample_logits` of each of ``inputs`` on the same sample models (weights drawn once)."""
         n = self.num_samples if num_samples is None else num_samples
-        return sample_logits_of(self.model, inputs, n, seed=seed, strategy=self.strategy,
-                                stochastic=call.randomness, fn=self.name)
+        out = sample_logits_of(self.model, inputs, n, seed=seed, strategy=self.strategy,
+                               stochastic=call.randomness, fn=self.name)
+        for logits in out:
+            self._check_finite(logits, call)
+        return out
 
     def _check_labels(self, y: torch.Tensor, classes: int) -> None:
         if y.numel() and int(y.max()) >= classes:

@@ -244,7 +244,7 @@ class FAB(Attack):
                 x = x.clone()
                 x[idx] = x0[idx] + self.beta * (x[idx] - x0[idx])
                 if k + 1 < self.steps:
-                    f_i, g_i, _ = self._boundary(x[idx], y[idx], target[idx], call)
+                    f_i, g_i, _ = self._boundary(x[idx], y[idx], target[idx], call.subset(idx))
                     f, g = f.clone(), g.clone()
                     f[idx], g[idx] = f_i, g_i
         return best_norm <= self.eps, best
@@ -272,7 +272,7 @@ class FAB(Attack):
                 idx = robust.nonzero().squeeze(1)
                 if idx.numel() == 0:
                     break
-                found, best = self._run(x0[idx], y[idx], ranking[idx, j], call, random_start=r > 0,
+                found, best = self._run(x0[idx], y[idx], ranking[idx, j], call.subset(idx), random_start=r > 0,
                                          check_gradient=j == 0 and r == 0)
                 x_adv[idx[found]] = best[found]
                 robust[idx[found]] = False
@@ -294,7 +294,8 @@ class FAB(Attack):
         scale = self.eps * (1 - 1e-5) / _norm(delta, self.norm)
         pushed = (x0_i + delta * scale.view(-1, *([1] * (delta.dim() - 1)))).clamp(0, 1)
         seed = call.fixed_seed if self.eot == "fixed" else call.rng.seed()
-        margins = ensemble_margin(self._sample_logits(torch.cat((found, pushed)), call, seed),
+        margins = ensemble_margin(self._sample_logits(torch.cat((found, pushed)), call.subset(torch.cat((idx, idx))),
+                                                      seed),
                                   torch.cat((y[idx], y[idx])))
         better = (margins[idx.numel():] > margins[:idx.numel()]) & (_norm(pushed - x0_i, self.norm) <= self.eps)
         x_adv[idx[better]] = pushed[better]

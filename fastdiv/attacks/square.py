@@ -146,7 +146,7 @@ class Square(Attack):
                 if todo.numel() == 0:
                     break
             best_loss, best_margin, new_loss, new_margin = self._judge(
-                xb, x_new, y[idx], None if remeasure else loss[idx], call)
+                xb, x_new, y[idx], None if remeasure else loss[idx], call.subset(idx))
             better = new_loss < best_loss
             if best_margin is not None:
                 # the stored values follow the incumbent's latest estimate (the stopping rule reads it)

@@ -197,15 +197,16 @@ inline std::tuple<at::Tensor, at::Tensor> prepare_gram(const at::Tensor& x, bool
   return {at::empty({B, n, n}, acc_options(x)), at::empty({B, with_l1 ? n : 0}, acc_options(x))};
 }
 
-// gram_loss: the loss [B] and the backward's coefficients A [B, n, n] and beta ([B, n] for heads with an
-// l1 term, else [B, 0]), acc.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_gram_loss(const at::Tensor& x, bool with_beta,
-                                                                        c10::DeviceType device) {
+// gram_loss: the loss [B], the backward's coefficients A [B, n, n] and beta ([B, n] for heads with an
+// l1 term, else [B, 0]) and the row scales [B, n], acc.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_gram_loss(const at::Tensor& x,
+                                                                                    bool with_beta,
+                                                                                    c10::DeviceType device) {
   check_rows(x, "gram_loss", device);
   check_samples(x, "gram_loss");
   const int64_t B = x.size(0), n = x.size(1);
   return {at::empty({B}, acc_options(x)), at::empty({B, n, n}, acc_options(x)),
-          at::empty({B, with_beta ? n : 0}, acc_options(x))};
+          at::empty({B, with_beta ? n : 0}, acc_options(x)), at::empty({B, n}, acc_options(x))};
 }
 
 // concentration_stats: the six statistics per input [B, 6], acc.
@@ -245,15 +246,17 @@ inline ColumnStatsPullbackArgs prepare_column_stats_pullback(const at::Tensor& x
 }
 
 // gram_pullback: a [B, n, n] contiguous; beta [B, n] as a contiguous copy (undefined when absent or
-// empty: no l1 term); scale [B] read in place at any stride (null when absent); dx contiguous like x.
+// empty: no l1 term); scale [B] read in place at any stride (null when absent); row_scale [B, n] as a
+// contiguous copy (undefined when absent or empty: all 1); dx contiguous like x.
 struct GramPullbackArgs {
-  at::Tensor a, beta, dx;
+  at::Tensor a, beta, row_scale, dx;
   const at::Tensor* scale = nullptr;  // the caller's tensor
 };
 
 inline GramPullbackArgs prepare_gram_pullback(const at::Tensor& x, const at::Tensor& a,
                                               const std::optional<at::Tensor>& beta,
-                                              const std::optional<at::Tensor>& scale, c10::DeviceType device) {
+                                              const std::optional<at::Tensor>& scale,
+                                              const std::optional<at::Tensor>& row_scale, c10::DeviceType device) {
   constexpr const char* op = "gram_pullback";
   check_rows(x, op, device);
   check_acc(a, {x.size(0), x.size(1), x.size(1)}, x, op, "a");
@@ -261,6 +264,7 @@ inline GramPullbackArgs prepare_gram_pullback(const at::Tensor& x, const at::Ten
   args.scale = check_pullback_scale(scale, x, op);
   args.a = a.contiguous();
   optional_acc(beta, {x.size(0), x.size(1)}, x, op, "beta", args.beta);
+  optional_acc(row_scale, {x.size(0), x.size(1)}, x, op, "row_scale", args.row_scale);
   args.dx = contiguous_like(x);
   return args;
 }

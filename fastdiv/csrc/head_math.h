@@ -36,6 +36,66 @@ constexpr double kRhoFloor = 1e-10;
 // Scratch doubles head_forward and gram_statistics need for n samples.
 FASTDIV_HD inline int64_t workspace(int64_t n) { return 4 * n * n + 4 * n; }
 
+// ---- Row scaling: norms and cosines of rows whose squares leave the accumulation dtype's range.
+//
+// Every loss is a function of the unit rows u_i = x_i / ||x_i|| only, so it is unchanged when row i is
+// multiplied by any s_i > 0. The kernels square x in the accumulation dtype (fp32 for fp32 / bf16 / fp16
+// inputs), where ||x||^2 overflows for |x| ~ 1e19 and underflows to 0 for |x| ~ 1e-23 although x and the
+// losses are perfectly finite. A row "needs a scale" when its largest |x_ik| is finite, nonzero and
+// outside [2^-kSafe, 2^kSafe]. An input with such a row uses every row as y_i = s_i x_i, s_i the power of
+// two that brings max |y_i| into [0.5, 1) (row_scale): multiplying by a power of two is exact, so the
+// cosines are those of x, and the Gram of y is far from both ends of the range. All its rows, not only
+// the ones that need it: the pullback coefficients A'_ij s_j below are ~ 1 / (||y_i|| ||x_j||), normal
+// numbers when every ||y_i|| is ~1, not when an unscaled row has ||y_i|| = ||x_i|| ~ 2^30 beside a row
+// scaled by 2^-100. Inputs without such a row keep s = 1 (and every result bit for bit). With the
+// scales, what the kernels use is
+//   S'_ij = <y_i, y_j>,  r'_i = ||y_i|| = s_i ||x_i||,  floor ||x_i|| <= eps  <=>  r'_i <= eps s_i,
+// and the pullback dL/dx_i = sum_j A_ij x_j + beta_i sign(x_i) of the unscaled rows has
+// A_ij = s_i A'_ij s_j and beta_i = s_i beta'_i, with A', beta' the coefficients of the head on y. A_ij
+// ~ 1 / (||x_i|| ||x_j||) itself is not representable in fp32 for such rows, so A'_ij s_j (the size of the
+// gradient) is what a head writes, and the pullback multiplies row i of its result by s_i (the row_scale
+// output of gram_loss).
+//
+// Scaling costs a pass over the input's rows for their maxima, so the kernels first accumulate the Gram
+// unscaled (the fast path) and look at the maxima only when a diagonal entry is suspect
+// (square_out_of_range: it covers every row that needs a scale), then accumulate the Gram again from y
+// where a row needs one. For fp32 (kSafe = 40) a fast-path Gram has every partial sum below 2^78, far
+// from the overflow at 2^128; products flushed to zero below 2^-126 change an S_ij by at most D 2^-126
+// against S_ii >= D 2^-78; and the coefficients ~ 1 / (||x_i|| ||x_j||) stay normal numbers. NaN / Inf
+// rows keep s = 1 and give NaN.
+constexpr int kSafeExpFloat = 40, kSafeExpDouble = 450;
+// Largest |exponent| of a scale: s stays a normal number of the accumulation dtype (it is an output).
+constexpr int kMaxScaleExpFloat = 126, kMaxScaleExpDouble = 1022;
+
+FASTDIV_HD inline int safe_exp(bool acc_double) { return acc_double ? kSafeExpDouble : kSafeExpFloat; }
+
+// True when a row with largest |x_ik| = max_abs needs a scale: finite, nonzero and outside
+// [2^-kSafe, 2^kSafe].
+FASTDIV_HD inline bool needs_scale(double max_abs, bool acc_double) {
+  const int safe = safe_exp(acc_double);
+  return max_abs > 0 && max_abs - max_abs == 0 && !(max_abs >= ldexp(1.0, -safe) && max_abs <= ldexp(1.0, safe));
+}
+
+// True when the sum of squares sq of a row of d values, accumulated unscaled, may have lost its value or
+// belong to a row that needs a scale: outside [d 2^(2 - 2 kSafe), 2^(2 kSafe - 2)] (0 and Inf included;
+// a row of d values, all below 2^-kSafe, has sq < d 2^-2 kSafe; the margin of 4 covers the rounding of
+// sq). NaN is not: NaN input stays NaN.
+FASTDIV_HD inline bool square_out_of_range(double sq, int64_t d, bool acc_double) {
+  const int e = 2 * safe_exp(acc_double) - 2;
+  return sq == sq && !(sq >= static_cast<double>(d) * ldexp(1.0, -e) && sq <= ldexp(1.0, e));
+}
+
+// The scale s = 2^-e of a row with largest |x_ik| = max_abs = f 2^e, f in [0.5, 1), e clamped so that s
+// stays a normal number; 1 for an all-zero row and for NaN / Inf (which must reach the output).
+FASTDIV_HD inline double row_scale(double max_abs, bool acc_double) {
+  if (!(max_abs > 0) || max_abs - max_abs != 0) return 1.0;  // 0, NaN, Inf
+  int e = 0;
+  (void)frexp(max_abs, &e);
+  const int lim = acc_double ? kMaxScaleExpDouble : kMaxScaleExpFloat;
+  e = e < -lim ? -lim : (e > lim ? lim : e);
+  return ldexp(1.0, -e);
+}
+
 // True for the heads whose value is a function of the resultant ||sum_i u_i||^2 (R_kappa, Omega_M).
 // Their callers pass that resultant computed from the column sums of u: the Gram's sum_ij C_ij has an
 // absolute error of ~1e-7 n^2 in fp32, and sqrt turns that into ~3e-4 when the gradients cancel.
@@ -177,26 +237,32 @@ FASTDIV_HD inline void cosines(const double* S, const double* inv_r, int64_t n, 
 
 }  // namespace detail
 
-// 1 / ||x_i|| from the Gram's diagonal, 0 for rows at or below the norm floor (NaN stays NaN).
-FASTDIV_HD inline void inverse_norms(const double* S, int64_t n, double eps, double* inv_r) {
+// 1 / ||y_i|| from the Gram's diagonal, 0 for rows at or below the norm floor (NaN stays NaN). scale:
+// the row scales s_i of the rows the Gram was accumulated from (y_i = s_i x_i; null: all 1), so the floor
+// ||x_i|| = ||y_i|| / s_i <= eps compares ||y_i|| with eps s_i.
+FASTDIV_HD inline void inverse_norms(const double* S, int64_t n, double eps, const double* scale, double* inv_r) {
   for (int64_t i = 0; i < n; ++i) {
     const double sq = S[i * n + i];
     const double norm = sqrt(detail::max_of(sq, 0.0));
-    inv_r[i] = detail::is_nan(sq) ? sq : (norm > eps ? 1.0 / norm : 0.0);
+    const double floor = scale ? eps * scale[i] : eps;
+    inv_r[i] = detail::is_nan(sq) ? sq : (norm > floor ? 1.0 / norm : 0.0);
   }
 }
 
-// S: n x n raw Gram (double), l1: row l1 norms (only read by kSparsity), d: feature dimension,
-// resultant: ||sum_i u_i||^2 (only read when needs_resultant(head)), work: workspace(n) doubles.
-// Writes A (n x n, symmetric) and beta (n). When the loss is NaN (NaN/Inf input), A and beta are NaN.
+// S: n x n raw Gram (double) of the rows y_i = s_i x_i, l1: their l1 norms (only read by kSparsity),
+// scale: the s_i (null: all 1; see row_scale), d: feature dimension, resultant: ||sum_i u_i||^2 (only
+// read when needs_resultant(head)), work: workspace(n) doubles. Writes the pullback coefficients of the
+// rows of x as A'_ij s_j (n x n; symmetric when no row is scaled) and beta' (n), the pullback multiplying
+// row i of its result by s_i. When the loss is NaN (NaN/Inf input), A and beta are NaN.
 FASTDIV_HD inline double head_forward(Head head, const double* S, const double* l1, double resultant, int64_t n,
-                                      int64_t d, const Params& prm, double* A, double* beta, double* work) {
+                                      int64_t d, const Params& prm, const double* scale, double* A, double* beta,
+                                      double* work) {
   double* C = work;
   double* W = work + n * n;
   double* inv_r = work + 2 * n * n;
   double* inner = work + 2 * n * n + 2 * n;  // 2 n^2 + 2 n scratch for the Cholesky
 
-  inverse_norms(S, n, prm.eps, inv_r);
+  inverse_norms(S, n, prm.eps, scale, inv_r);
   detail::cosines(S, inv_r, n, C);
   for (int64_t i = 0; i < n * n; ++i) W[i] = 0;
   for (int64_t i = 0; i < n; ++i) beta[i] = 0;
@@ -235,7 +301,8 @@ FASTDIV_HD inline double head_forward(Head head, const double* S, const double* 
     for (int64_t j = 0; j < n; ++j) Shat[i * n + j] = (i == j) ? diag : W[i * n + j] * inv_r[i] * inv_r[j];
   }
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) A[i * n + j] = Shat[i * n + j] + Shat[j * n + i];
+    for (int64_t j = 0; j < n; ++j)
+      A[i * n + j] = (Shat[i * n + j] + Shat[j * n + i]) * (scale ? scale[j] : 1.0);
 
   if (detail::is_nan(loss)) {
     for (int64_t i = 0; i < n * n; ++i) A[i] = detail::quiet_nan();
@@ -244,14 +311,15 @@ FASTDIV_HD inline double head_forward(Head head, const double* S, const double* 
   return loss;
 }
 
-// The concentration statistics of one input from its Gram and resultant ||sum_i u_i||^2: writes rho,
-// kappa (p = d, rho clamped), mean cosine, coherence (max cosine) and the DPP value into out[0..4].
+// The concentration statistics of one input from its Gram (of the rows scaled by scale, null: 1, as for
+// head_forward) and resultant ||sum_i u_i||^2: writes rho, kappa (p = d, rho clamped), mean cosine,
+// coherence (max cosine) and the DPP value into out[0..4].
 FASTDIV_HD inline void gram_statistics(const double* S, double resultant, int64_t n, int64_t d, const Params& prm,
-                                       double* out, double* work) {
+                                       const double* scale, double* out, double* work) {
   double* C = work;
   double* inv_r = work + n * n;
   double* inner = work + n * n + n;
-  inverse_norms(S, n, prm.eps, inv_r);
+  inverse_norms(S, n, prm.eps, scale, inv_r);
   detail::cosines(S, inv_r, n, C);
   const double rho = detail::mrl(resultant, n);
   out[0] = rho;

@@ -8,9 +8,12 @@
 TORCH_LIBRARY(fastdiv, m) {
   // x is [B, n, D] in every op: B inputs, n gradient samples each, D features (unit stride).
   m.def("gram(Tensor x, bool with_l1) -> (Tensor, Tensor)");
-  // scale: the per-input upstream gradient, so a loss's backward is this one launch.
-  m.def("gram_pullback(Tensor x, Tensor a, Tensor? beta, Tensor? scale=None) -> Tensor");
-  m.def("gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> (Tensor, Tensor, Tensor)");
+  // scale: the per-input upstream gradient, so a loss's backward is this one launch; row_scale: the
+  // per-row factors of gram_loss's fourth output (rows rescaled to keep their squares in range).
+  m.def("gram_pullback(Tensor x, Tensor a, Tensor? beta, Tensor? scale=None, Tensor? row_scale=None) -> Tensor");
+  m.def(
+      "gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   m.def("concentration_stats(Tensor x, float q, float eps, float jitter, float rho_max) -> Tensor");
   m.def("normalize(Tensor x, float eps) -> Tensor");
   m.def("normalize_pullback(Tensor x, Tensor grad, float eps) -> Tensor");

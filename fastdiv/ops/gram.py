@@ -1,5 +1,7 @@
 """Gram-family ops: the raw Gram, the fused per-input losses (Gram + n x n head in one read of X)
-and their shared pullback dX = scale (A X + beta ⊙ sign(X)) (docs/design.md §2.3).
+and their shared pullback dX = scale (A X + beta ⊙ sign(X)) (docs/design.md §2.3), each row of it times
+the row scale gram_loss returns (1 unless that row's squares leave the accumulation dtype's range:
+fastdiv/csrc/head_math.h, "Row scaling").
 
 ``register(ns)`` installs the fake kernels and autograd formulas for one op namespace ('fastdiv' for
 the C++ kernels, 'fastdiv_triton' for the Triton ones); the launchers take the namespace to call.
@@ -22,7 +24,7 @@ def register(ns: str) -> None:
         return x.new_empty((b, n, n), dtype=acc), x.new_empty((b, n if with_l1 else 0), dtype=acc)
 
     @torch.library.register_fake(f"{ns}::gram_pullback")
-    def _gram_pullback_fake(x, a, beta, scale=None):
+    def _gram_pullback_fake(x, a, beta, scale=None, row_scale=None):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     @torch.library.register_fake(f"{ns}::gram_loss")
@@ -31,7 +33,7 @@ def register(ns: str) -> None:
         torch._check(n >= 2, lambda: f"{ns}::gram_loss needs n >= 2 samples, got {n}")
         acc = acc_dtype(x.dtype)
         return (x.new_empty((b,), dtype=acc), x.new_empty((b, n, n), dtype=acc),
-                x.new_empty((b, n if head == "sparsity" else 0), dtype=acc))
+                x.new_empty((b, n if head == "sparsity" else 0), dtype=acc), x.new_empty((b, n), dtype=acc))
 
     @torch.library.register_fake(f"{ns}::concentration_stats")
     def _stats_fake(x, q, eps, jitter, rho_max):
@@ -55,19 +57,19 @@ def register(ns: str) -> None:
     torch.library.register_autograd(f"{ns}::gram", _gram_backward, setup_context=_gram_setup)
 
     def _gram_loss_setup(ctx, inputs, output):
-        _, a, beta = output
-        ctx.mark_non_differentiable(a, beta)
+        _, a, beta, row_scale = output
+        ctx.mark_non_differentiable(a, beta, row_scale)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the coefficient outputs
-        ctx.save_for_backward(inputs[0], a, beta)
+        ctx.save_for_backward(inputs[0], a, beta, row_scale)
 
-    def _gram_loss_backward(ctx, grad_loss, grad_a, grad_beta):
+    def _gram_loss_backward(ctx, grad_loss, grad_a, grad_beta, grad_row_scale):
         if grad_loss is None:
             return None, None, None, None, None, None
-        x, a, beta = ctx.saved_tensors
+        x, a, beta, row_scale = ctx.saved_tensors
         # grad_loss goes in as the kernel's per-input scale (any stride, e.g. the stride-0 expansion of
         # loss.sum().backward()): the whole backward is this one launch, no a * g, beta * g first.
         beta = beta if beta.numel() else None
-        return ops.gram_pullback(x, a, beta, grad_loss), None, None, None, None, None
+        return ops.gram_pullback(x, a, beta, grad_loss, row_scale), None, None, None, None, None
 
     torch.library.register_autograd(f"{ns}::gram_loss", _gram_loss_backward, setup_context=_gram_loss_setup)
     forbid_double_backward(ns, "gram_pullback")

@@ -10,9 +10,10 @@ import torch
 
 SCHEMAS = {
     "gram": "gram(Tensor x, bool with_l1) -> (Tensor, Tensor)",
-    "gram_pullback": "gram_pullback(Tensor x, Tensor a, Tensor? beta, Tensor? scale=None) -> Tensor",
+    "gram_pullback": "gram_pullback(Tensor x, Tensor a, Tensor? beta, Tensor? scale=None, Tensor? row_scale=None) "
+                     "-> Tensor",
     "gram_loss": "gram_loss(Tensor x, str head, float eps, float jitter, float p, float rho_max) -> "
-                 "(Tensor, Tensor, Tensor)",
+                 "(Tensor, Tensor, Tensor, Tensor)",
     "concentration_stats": "concentration_stats(Tensor x, float q, float eps, float jitter, float rho_max) -> Tensor",
     "normalize": "normalize(Tensor x, float eps) -> Tensor",
     "normalize_pullback": "normalize_pullback(Tensor x, Tensor grad, float eps) -> Tensor",

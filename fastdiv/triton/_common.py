@@ -1,4 +1,5 @@
-"""Launch parameters shared by the Triton launchers, and the Gram tile loop shared by their kernels."""
+"""Launch parameters shared by the Triton launchers, the Gram tile loop shared by their kernels, and the row
+scaling of rows whose squares leave the accumulation dtype's range (fastdiv/csrc/head_math.h, "Row scaling")."""
 from __future__ import annotations
 
 import torch
@@ -47,3 +48,65 @@ def tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N: tl.const
         s += tl.where(rows[None, :] == j, sj[:, None], 0)
         xj_ptr += stride_n
     return s
+
+
+@triton.jit
+def tile_gram_scaled(tile, base, rows, d0, cols, col_ok, n, stride_n, scale, BLOCK_N: tl.constexpr):
+    """tile_gram of the rows y_i = scale_i x_i: ``tile`` already holds y, row j is re-read and scaled."""
+    s = tl.zeros((BLOCK_N, BLOCK_N), dtype=tile.dtype)
+    xj_ptr = base + d0 + cols
+    for j in range(n):
+        sj = tl.sum(tl.where(rows == j, scale, 0.0), axis=0).to(tile.dtype)
+        xj = tl.load(xj_ptr, mask=col_ok, other=0).to(tile.dtype) * sj
+        cj = tl.sum(tile * xj[None, :], axis=1)
+        s += tl.where(rows[None, :] == j, cj[:, None], 0)
+        xj_ptr += stride_n
+    return s
+
+
+# Row scaling, as fastdiv/csrc/head_math.h ("Row scaling"): a row needs a scale when its largest |x| is
+# finite, nonzero and outside [2^-SAFE, 2^SAFE]; an input with such a row uses every row as s x with
+# s = 2^-e, max |x| = f 2^e, f in [0.5, 1), |e| <= LIMIT. An unscaled sum of squares of d values is suspect
+# outside [d 2^(2 - 2 SAFE), 2^(2 SAFE - 2)]. (SAFE, LIMIT) per accumulation dtype:
+SCALE_FLOAT = (40, 126)
+SCALE_DOUBLE = (450, 1022)
+
+
+def scale_exponents(dtype: torch.dtype) -> tuple[int, int]:
+    """(SAFE, LIMIT) of inputs of ``dtype``: the accumulation dtype decides."""
+    return SCALE_DOUBLE if dtype == torch.float64 else SCALE_FLOAT
+
+
+@triton.jit
+def pow2(k):
+    """2^k as a float64 (k an integer in [-1022, 1023]), built from its bits: a Python float constant would
+    be typed fp32 (2^-450 is 0 there)."""
+    return ((k + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def square_out_of_range(sq, d, SAFE: tl.constexpr):
+    """True where a float64 sum of squares of d values accumulated unscaled is suspect (outside
+    [d 2^(2 - 2 SAFE), 2^(2 SAFE - 2)]; 0 and Inf included, NaN not)."""
+    lo = pow2(tl.full((), 2 - 2 * SAFE, tl.int64)) * d
+    hi = pow2(tl.full((), 2 * SAFE - 2, tl.int64))
+    return (sq == sq) & ((sq < lo) | (sq > hi))  # noqa: PLR0124 (NaN test)
+
+
+@triton.jit
+def needs_scale(m, SAFE: tl.constexpr):
+    """True where a row's largest |x| (float64) m is finite, nonzero and outside [2^-SAFE, 2^SAFE]."""
+    field = (m.to(tl.int64, bitcast=True) >> 52) & 0x7FF  # 0x7FF: NaN or Inf
+    lo = pow2(tl.full((), -SAFE, tl.int64))
+    hi = pow2(tl.full((), SAFE, tl.int64))
+    return (field != 0x7FF) & (m > 0) & ((m < lo) | (m > hi))
+
+
+@triton.jit
+def row_scale(m, LIMIT: tl.constexpr):
+    """Scales s (float64) of rows with largest |x| m (float64): 2^-e, e the exponent of m = f 2^e
+    (f in [0.5, 1)) from its bits, clamped to [-LIMIT, LIMIT] (a subnormal m has the exponent field 0 and
+    is clamped too); 1 for 0, NaN and Inf."""
+    field = (m.to(tl.int64, bitcast=True) >> 52) & 0x7FF  # 0x7FF: NaN or Inf
+    e = tl.minimum(tl.maximum(field - 1022, -LIMIT), LIMIT)
+    return tl.where((field == 0x7FF) | (m <= 0), 1.0, pow2(-e))

@@ -12,6 +12,12 @@ over i, j are tree reductions instead of sequential loops, which changes roundin
 Rows and columns >= n of the tiles are padding: the Gram and the inverse norms are 0 there, and
 every sum, max and the DPP elimination are masked to the n x n block.
 
+Rows whose squares leave the accumulation dtype's range (|x| ~ 1e19 overflows fp32, ~1e-23 flushes to 0;
+fastdiv/csrc/head_math.h, "Row scaling"): when a diagonal entry of the Gram is out of range, the program
+reads the rows once more for their maxima and, if a row needs it, accumulates the Gram again in float64
+from the rows scaled by powers of two. Its head then sees the scaled Gram, and the loss's outputs are the
+coefficients A'_ij s_j and the row scales s_i the pullback multiplies its rows by.
+
 R_DPP factors M = C + jitter I by Gauss-Jordan elimination without pivoting (valid for symmetric
 positive definite M), in its symmetric form (the sweep operator, see _dpp): the pivots are the squares
 of the Cholesky factor's diagonal, so log det M is the sum of their logs, a pivot that is not > 0 (or
@@ -30,7 +36,16 @@ import triton
 import triton.language as tl
 
 from ..ops.schemas import acc_dtype
-from ._common import load_tile, tile_blocks, tile_gram
+from ._common import (
+    load_tile,
+    needs_scale,
+    row_scale,
+    scale_exponents,
+    square_out_of_range,
+    tile_blocks,
+    tile_gram,
+    tile_gram_scaled,
+)
 from .heads import HEADS, RHO_FLOOR, parse_head
 
 #: Largest n the fused kernel handles: its [BLOCK_N, BLOCK_N] float64 head tiles stay in registers.
@@ -75,10 +90,11 @@ def _nan():
 
 
 @triton.jit
-def _inverse_norms(sq, eps):
-    # 1 / ||x_i|| from S_ii; 0 at or below the norm floor (and in padding, S_ii = 0); NaN stays NaN
+def _inverse_norms(sq, eps, scale):
+    # 1 / ||y_i|| from S_ii of the rows y_i = scale_i x_i; 0 where ||x_i|| = ||y_i|| / scale_i is at or below
+    # the norm floor (and in padding, S_ii = 0); NaN stays NaN
     norm = tl.sqrt(tl.where(sq < 0, 0.0, sq))  # max_of(sq, 0): NaN passes through
-    above = norm > eps
+    above = norm > eps * scale
     return tl.where(sq != sq, sq, tl.where(above, 1.0 / tl.where(above, norm, 1.0), 0.0))  # noqa: PLR0124
 
 
@@ -147,10 +163,12 @@ def _dpp(c, jitter, valid, is_diag, row_ok, rows, n):
 
 
 @triton.jit(do_not_specialize=["n", "eps_bits", "jitter_bits", "p_bits", "rho_max_bits", "q_bits"])
-def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
+def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, rs_ptr, n, d, stride_b, stride_n,
                   eps_bits, jitter_bits, p_bits, rho_max_bits, q_bits,
-                  HEAD: tl.constexpr, Q_INF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HEAD: tl.constexpr, Q_INF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SAFE: tl.constexpr, LIMIT: tl.constexpr):
     # out_ptr: loss [B] (heads) or the statistics [B, 6] (HEAD == STATS); its dtype is the acc dtype.
+    # rs_ptr: the row scales [B, n] (heads only). SAFE, LIMIT: the row scaling's exponents (_common.py).
     # p_bits: R_kappa's p (already D when p <= 0), or D for the statistics' kappa.
     acc_t = out_ptr.dtype.element_ty
     eps = _f64(eps_bits)
@@ -183,7 +201,34 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
             s += tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N).to(tl.float64)
     # S exactly symmetric, from its lower triangle as the C++ gram_one mirrors it
     s = tl.where(rows[:, None] >= rows[None, :], s, tl.trans(s))
-    inv_r = _inverse_norms(tl.sum(tl.where(is_diag, s, 0.0), axis=1), eps)
+
+    # ---- row scaling (row_scales / scaled_gram of fastdiv/csrc/cpu/gram.cpp): only when a diagonal entry
+    # is suspect, a pass for the rows' maxima, and when a row needs a scale, the Gram again in float64
+    scale = tl.full((BLOCK_N,), 1.0, tl.float64)
+    df = tl.full((), 0.0, tl.float64) + d  # d as a float64 (d may arrive as a constant)
+    suspect = square_out_of_range(tl.sum(tl.where(is_diag, s, 0.0), axis=1), df, SAFE) & row_ok
+    if tl.sum(tl.where(suspect, 1, 0), axis=0) > 0:
+        mx = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        for d0 in range(0, d, BLOCK_D):
+            col_ok = (d0 + cols) < d
+            tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, tl.float64)
+            mx = tl.maximum(mx, tl.max(tl.abs(tile), axis=1))
+        # a row that needs a scale: every row of the input is scaled (head_math.h says why)
+        if tl.sum(tl.where(needs_scale(mx, SAFE) & row_ok, 1, 0), axis=0) > 0:
+            scale = tl.where(row_ok, row_scale(mx, LIMIT), 1.0)
+            s = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float64)
+            l1 = tl.zeros((BLOCK_N,), dtype=tl.float64)
+            for d0 in range(0, d, BLOCK_D):
+                col_ok = (d0 + cols) < d
+                tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, tl.float64) * scale[:, None]
+                if HEAD == SPARSITY:
+                    l1 += tl.sum(tl.abs(tile), axis=1)
+                    s += tl.where(is_diag, tl.sum(tile * tile, axis=1)[:, None], 0.0)
+                else:
+                    s += tile_gram_scaled(tile, base, rows, d0, cols, col_ok, n, stride_n, scale, BLOCK_N)
+            s = tl.where(rows[:, None] >= rows[None, :], s, tl.trans(s))
+
+    inv_r = _inverse_norms(tl.sum(tl.where(is_diag, s, 0.0), axis=1), eps, scale)
     # cosines C_ij = S_ij r_i^-1 r_j^-1 (0 in padding and for rows below the norm floor)
     c = s * inv_r[:, None] * inv_r[None, :]
 
@@ -199,7 +244,7 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
         for d0 in range(0, d, BLOCK_D):
             col_ok = (d0 + cols) < d
             tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, tl.float64)
-            m = tl.sum(tile * inv_r[:, None], axis=0)  # 0 in masked columns
+            m = tl.sum(tile * (inv_r * scale)[:, None], axis=0)  # 1 / ||x_i||; 0 in masked columns
             sq += m * m
             if HEAD == STATS:
                 a = tl.abs(m * inv_n)
@@ -291,7 +336,7 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
             shat_off = w * inv_r[:, None] * inv_r[None, :]
         diag = tl.where(inv_r != 0, diag, 0.0)
         shat = tl.where(is_diag, diag[:, None], shat_off)
-        a = shat + tl.trans(shat)
+        a = (shat + tl.trans(shat)) * scale[None, :]  # A'_ij s_j: the pullback multiplies row i by s_i
         # NaN rule: a NaN loss (NaN / Inf input) makes A and beta NaN
         bad = loss != loss  # noqa: PLR0124
         a = tl.where(bad, _nan(), a)
@@ -299,6 +344,7 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, n, d, stride_b, stride_n,
 
         tl.store(out_ptr + b, loss.to(acc_t))
         tl.store(a_ptr + b * n * n + rows[:, None] * n + rows[None, :], a.to(acc_t), mask=valid)
+        tl.store(rs_ptr + b * n + rows, scale.to(acc_t), mask=row_ok)
         if HEAD == SPARSITY:
             tl.store(beta_ptr + b * n + rows, beta.to(acc_t), mask=row_ok)
 
@@ -314,30 +360,33 @@ def _blocks(n: int, d: int) -> tuple[int, int, int]:
     return block_n, block_d, 8 if block_n >= 16 else 4
 
 
-def _launch(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, beta: torch.Tensor, code: int,
-            eps: float, jitter: float, p: float, rho_max: float, q: float) -> None:
+def _launch(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, beta: torch.Tensor, row_scale: torch.Tensor,
+            code: int, eps: float, jitter: float, p: float, rho_max: float, q: float) -> None:
     B, n, d = x.shape
     block_n, block_d, num_warps = _blocks(n, d)
-    _fused_kernel[(B,)](x, out, a, beta, n, d, x.stride(0), x.stride(1),
+    safe, limit = scale_exponents(x.dtype)
+    _fused_kernel[(B,)](x, out, a, beta, row_scale, n, d, x.stride(0), x.stride(1),
                         _f64_bits(eps), _f64_bits(jitter), _f64_bits(p), _f64_bits(rho_max),
                         _f64_bits(1.0 if math.isinf(q) else q),
-                        HEAD=code, Q_INF=math.isinf(q), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+                        HEAD=code, Q_INF=math.isinf(q), BLOCK_N=block_n, BLOCK_D=block_d, SAFE=safe, LIMIT=limit,
+                        num_warps=num_warps)
 
 
 def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, rho_max: float):
-    """Loss [B], A [B, n, n], beta [B, n] ([B, 0] unless sparsity), acc dtype, for n <= MAX_FUSED_N:
-    one kernel launch (none for B = 0)."""
+    """Loss [B], A [B, n, n], beta [B, n] ([B, 0] unless sparsity) and the row scales [B, n], acc dtype, for
+    n <= MAX_FUSED_N: one kernel launch (none for B = 0)."""
     h = parse_head(head)
     B, n, d = x.shape
     acc = acc_dtype(x.dtype)
     loss = torch.empty((B,), dtype=acc, device=x.device)
     a = torch.empty((B, n, n), dtype=acc, device=x.device)
     beta = torch.empty((B, n if h == "sparsity" else 0), dtype=acc, device=x.device)
+    row_scale = torch.empty((B, n), dtype=acc, device=x.device)
     if B == 0:
-        return loss, a, beta
+        return loss, a, beta, row_scale
     p_eff = p if p > 0 else float(d)
-    _launch(x, loss, a, beta if h == "sparsity" else a, _HEAD_CODE[h], eps, jitter, p_eff, rho_max, 2.0)
-    return loss, a, beta
+    _launch(x, loss, a, beta if h == "sparsity" else a, row_scale, _HEAD_CODE[h], eps, jitter, p_eff, rho_max, 2.0)
+    return loss, a, beta, row_scale
 
 
 def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rho_max: float) -> torch.Tensor:
@@ -346,5 +395,5 @@ def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rh
     out = torch.empty((B, 6), dtype=acc_dtype(x.dtype), device=x.device)
     if B == 0:
         return out
-    _launch(x, out, out, out, STATS.value, eps, jitter, float(d), rho_max, q)
+    _launch(x, out, out, out, out, STATS.value, eps, jitter, float(d), rho_max, q)
     return out

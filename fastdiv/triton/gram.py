@@ -7,7 +7,9 @@ copy). Accumulation is in the "acc" dtype (fp32, fp64 for fp64 inputs), taken fr
 Every output element is written by exactly one program: no atomics, results are deterministic.
 For n <= 32, gram_loss and concentration_stats are one launch of the fused kernel (fastdiv/triton/fused.py:
 the Gram, the resultant and the n x n head in float64 in the epilogue); beyond that the heads run after
-the Gram kernel in float64 torch ops (fastdiv/triton/heads.py).
+the Gram kernel in float64 torch ops (fastdiv/triton/heads.py). That path takes the row scales
+(fastdiv/csrc/head_math.h, "Row scaling") from the rows' maxima first (fastdiv.reference.row_scale: one
+more read of X) and hands them to the Gram kernel, which scales the rows as it loads them.
 """
 from __future__ import annotations
 
@@ -15,30 +17,39 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ..ops.schemas import acc_dtype
 from . import fused
-from ._common import load_tile, tile_blocks, tile_gram
+from ._common import load_tile, tile_blocks, tile_gram, tile_gram_scaled
 from .heads import gram_statistics, head_forward, inverse_norms, parse_head
 
 
 @triton.jit
-def _gram_kernel(x_ptr, s_ptr, l1_ptr, n, d, stride_b, stride_n,
-                 WITH_L1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per input b: S_b = X_b X_b^T accumulated over D tiles in [BLOCK_N, BLOCK_N] registers.
+def _gram_kernel(x_ptr, s_ptr, l1_ptr, scale_ptr, n, d, stride_b, stride_n,
+                 WITH_L1: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per input b: S_b = X_b X_b^T accumulated over D tiles in [BLOCK_N, BLOCK_N] registers;
+    # with SCALED, of the rows y_i = scale_i x_i (scale_ptr [B, n], acc).
     acc_t = s_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n
     base = x_ptr + b * stride_b
+    if SCALED:
+        scale = tl.load(scale_ptr + b * n + rows, mask=row_ok, other=1.0)
     s = tl.zeros((BLOCK_N, BLOCK_N), dtype=acc_t)
     l1 = tl.zeros((BLOCK_N,), dtype=acc_t)
     for d0 in range(0, d, BLOCK_D):
         col_ok = (d0 + cols) < d
         tile = load_tile(base, rows, row_ok, d0, cols, col_ok, stride_n, acc_t)
+        if SCALED:
+            tile = tile * scale[:, None]
         if WITH_L1:
             l1 += tl.sum(tl.abs(tile), axis=1)
-        s += tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N)
+        if SCALED:
+            s += tile_gram_scaled(tile, base, rows, d0, cols, col_ok, n, stride_n, scale, BLOCK_N)
+        else:
+            s += tile_gram(tile, base, rows, d0, cols, col_ok, n, stride_n, BLOCK_N)
     out = s_ptr + b * n * n + rows[:, None] * n + rows[None, :]
     tl.store(out, s, mask=row_ok[:, None] & row_ok[None, :])
     if WITH_L1:
@@ -70,13 +81,14 @@ def _resultant_kernel(x_ptr, inv_r_ptr, sq_ptr, m_ptr, n, d, stride_b, stride_n,
 
 
 @triton.jit
-def _pullback_kernel(x_ptr, a_ptr, beta_ptr, scale_ptr, dx_ptr, n, d, stride_b, stride_n, scale_stride,
-                     HAS_BETA: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _pullback_kernel(x_ptr, a_ptr, beta_ptr, scale_ptr, rs_ptr, dx_ptr, n, d, stride_b, stride_n, scale_stride,
+                     HAS_BETA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per (b, D tile): dX_tile = s_b (A_b X_tile + beta_b ⊙ sign(X_tile)), as a sum of n
     # rank-one updates (column j of A times row j of the tile). The scale s_b (scale_ptr[b * scale_stride],
     # any stride) multiplies the coefficients as they are loaded, not the sum: the result is then the
-    # unscaled kernel on the unfused a * s, beta * s, rounding and NaN / Inf scales included.
+    # unscaled kernel on the unfused a * s, beta * s, rounding and NaN / Inf scales included. The row
+    # scales (rs_ptr [B, n], gram_loss's) multiply the rows of the sum.
     acc_t = a_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     if HAS_SCALE:
@@ -106,12 +118,15 @@ def _pullback_kernel(x_ptr, a_ptr, beta_ptr, scale_ptr, dx_ptr, n, d, stride_b, 
         xj = tl.load(xj_ptr, mask=col_ok, other=0).to(acc_t)
         out += aj[:, None] * xj[None, :]
         xj_ptr += stride_n
+    if HAS_ROW_SCALE:
+        out = out * tl.load(rs_ptr + b * n + rows, mask=row_ok, other=1)[:, None]
     dst = dx_ptr + b * n * d + rows[:, None].to(tl.int64) * d + cols[None, :]
     tl.store(dst, out.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def gram(x: torch.Tensor, with_l1: bool):
-    """Raw Gram S [B, n, n] and row l1 norms [B, n] (or [B, 0]), both in the acc dtype."""
+def gram(x: torch.Tensor, with_l1: bool, scale: torch.Tensor | None = None):
+    """Raw Gram S [B, n, n] and row l1 norms [B, n] (or [B, 0]), both in the acc dtype; with ``scale``
+    ([B, n] acc), those of the rows scale_i x_i."""
     B, n, d = x.shape
     acc = acc_dtype(x.dtype)
     s = torch.empty((B, n, n), dtype=acc, device=x.device)
@@ -123,9 +138,17 @@ def gram(x: torch.Tensor, with_l1: bool):
         l1.zero_()
         return s, l1
     block_n, block_d = tile_blocks(n, d)
-    _gram_kernel[(B,)](x, s, l1 if with_l1 else s, n, d, x.stride(0), x.stride(1),
-                       WITH_L1=bool(with_l1), BLOCK_N=block_n, BLOCK_D=block_d)
+    scaled = scale is not None
+    _gram_kernel[(B,)](x, s, l1 if with_l1 else s, scale.contiguous() if scaled else s, n, d, x.stride(0),
+                       x.stride(1), WITH_L1=bool(with_l1), SCALED=scaled, BLOCK_N=block_n, BLOCK_D=block_d)
     return s, l1
+
+
+def _row_scales(x: torch.Tensor) -> torch.Tensor:
+    """The row scales [B, n] (acc) of the two-launch path, from the rows' maxima: those of the fused kernels
+    (fastdiv.reference.row_scale per input)."""
+    acc = acc_dtype(x.dtype)
+    return reference.row_scale(x.to(acc) if x.dtype != acc else x, per_input=True)[..., 0]
 
 
 def _resultant(x: torch.Tensor, inv_r: torch.Tensor, store_m: bool):
@@ -147,9 +170,10 @@ def _resultant(x: torch.Tensor, inv_r: torch.Tensor, store_m: bool):
 
 
 def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None,
-                  scale: torch.Tensor | None = None) -> torch.Tensor:
-    """dX_b = scale_b (A_b X_b + beta_b ⊙ sign(X_b)); x.dtype, contiguous [B, n, D]. scale is [B] in the
-    acc dtype with any stride (read in place: an expanded stride-0 gradient is not copied)."""
+                  scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """dX_bi = scale_b row_scale_bi (A_b X_b + beta_b ⊙ sign(X_b))_i; x.dtype, contiguous [B, n, D]. scale is
+    [B] in the acc dtype with any stride (read in place: an expanded stride-0 gradient is not copied);
+    row_scale [B, n] acc (gram_loss's fourth output; None or empty: 1)."""
     B, n, d = x.shape
     dx = torch.empty((B, n, d), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
@@ -158,17 +182,19 @@ def gram_pullback(x: torch.Tensor, a: torch.Tensor, beta: torch.Tensor | None,
     has_beta = beta is not None and beta.numel() > 0
     beta_arg = beta.contiguous() if has_beta else a
     has_scale = scale is not None
+    has_rs = row_scale is not None and row_scale.numel() > 0
     block_n, block_d = tile_blocks(n, d)
     block_d = min(block_d, 256)
     grid = (B, triton.cdiv(d, block_d))
-    _pullback_kernel[grid](x, a, beta_arg, scale if has_scale else a, dx, n, d, x.stride(0), x.stride(1),
-                           scale.stride(0) if has_scale else 0, HAS_BETA=has_beta, HAS_SCALE=has_scale,
-                           BLOCK_N=block_n, BLOCK_D=block_d)
+    _pullback_kernel[grid](x, a, beta_arg, scale if has_scale else a, row_scale.contiguous() if has_rs else a, dx,
+                           n, d, x.stride(0), x.stride(1), scale.stride(0) if has_scale else 0, HAS_BETA=has_beta,
+                           HAS_SCALE=has_scale, HAS_ROW_SCALE=has_rs, BLOCK_N=block_n, BLOCK_D=block_d)
     return dx
 
 
 def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, rho_max: float):
-    """Per-input loss [B], pullback coefficients A [B, n, n] and beta [B, n] ([B, 0] unless sparsity).
+    """Per-input loss [B], pullback coefficients A [B, n, n], beta [B, n] ([B, 0] unless sparsity) and the
+    row scales [B, n].
 
     n <= 32: one launch of the fused kernel (fastdiv/triton/fused.py: Gram, resultant and head in one
     program per input). Larger n: the Gram kernel (+ the resultant kernel for kappa / mean_penalty),
@@ -180,17 +206,19 @@ def gram_loss(x: torch.Tensor, head: str, eps: float, jitter: float, p: float, r
     acc = acc_dtype(x.dtype)
     if B == 0:
         return (torch.empty((0,), dtype=acc, device=x.device), torch.empty((0, n, n), dtype=acc, device=x.device),
-                torch.empty((0, n if h == "sparsity" else 0), dtype=acc, device=x.device))
-    s, l1 = gram(x, h == "sparsity")
-    s64 = s.double()
+                torch.empty((0, n if h == "sparsity" else 0), dtype=acc, device=x.device),
+                torch.empty((0, n), dtype=acc, device=x.device))
+    row_scale = _row_scales(x)
+    s, l1 = gram(x, h == "sparsity", row_scale)
+    s64, scale64 = s.double(), row_scale.double()
     resultant = None
     if h in ("kappa", "mean_penalty"):
-        sq, _ = _resultant(x, inverse_norms(s64, eps), False)
+        sq, _ = _resultant(x, inverse_norms(s64, eps, scale64) * scale64, False)
         resultant = sq.double()
-    loss, A, beta = head_forward(h, s64, l1.double(), resultant, d, eps, jitter, p, rho_max)
+    loss, A, beta = head_forward(h, s64, l1.double(), resultant, d, eps, jitter, p, rho_max, scale64)
     if h != "sparsity":
         beta = beta[:, :0]
-    return loss.to(acc), A.to(acc).contiguous(), beta.to(acc).contiguous()
+    return loss.to(acc), A.to(acc).contiguous(), beta.to(acc).contiguous(), row_scale.contiguous()
 
 
 def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rho_max: float) -> torch.Tensor:
@@ -202,7 +230,9 @@ def concentration_stats(x: torch.Tensor, q: float, eps: float, jitter: float, rh
     acc = acc_dtype(x.dtype)
     if B == 0:
         return torch.empty((0, 6), dtype=acc, device=x.device)
-    s, _ = gram(x, False)
-    s64 = s.double()
-    sq, m = _resultant(x, inverse_norms(s64, eps), True)
-    return gram_statistics(s64, sq.double(), m.double(), q, n, d, eps, jitter, rho_max).to(acc).contiguous()
+    row_scale = _row_scales(x)
+    s, _ = gram(x, False, row_scale)
+    s64, scale64 = s.double(), row_scale.double()
+    sq, m = _resultant(x, inverse_norms(s64, eps, scale64) * scale64, True)
+    return gram_statistics(s64, sq.double(), m.double(), q, n, d, eps, jitter, rho_max,
+                           scale64).to(acc).contiguous()

@@ -33,11 +33,13 @@ def needs_resultant(head: str) -> bool:
     return head in ("kappa", "mean_penalty")
 
 
-def inverse_norms(s: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / ||x_i|| from the Gram's diagonal [B, n]; 0 at or below the norm floor; NaN stays NaN."""
+def inverse_norms(s: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / ||y_i|| from the Gram's diagonal [B, n] of the rows y_i = scale_i x_i (scale [B, n]; None: 1); 0
+    where ||x_i|| = ||y_i|| / scale_i is at or below the norm floor; NaN stays NaN."""
     sq = torch.diagonal(s, dim1=-2, dim2=-1)
     norm = sq.clamp_min(0).sqrt()
-    return torch.where(torch.isnan(sq), sq, torch.where(norm > eps, 1.0 / norm, torch.zeros_like(norm)))
+    floor = eps if scale is None else eps * scale
+    return torch.where(torch.isnan(sq), sq, torch.where(norm > floor, 1.0 / norm, torch.zeros_like(norm)))
 
 
 def _cosines(s: torch.Tensor, inv_r: torch.Tensor) -> torch.Tensor:
@@ -97,10 +99,11 @@ def _clamp_rho(rho: torch.Tensor, rho_max: float) -> torch.Tensor:
 
 
 def head_forward(head: str, s: torch.Tensor, l1: torch.Tensor | None, resultant: torch.Tensor | None, d: int,
-                 eps: float, jitter: float, p: float, rho_max: float):
-    """Loss [B], A [B, n, n] and beta [B, n] of a head on the raw float64 Gram s [B, n, n]."""
+                 eps: float, jitter: float, p: float, rho_max: float, scale: torch.Tensor | None = None):
+    """Loss [B], A [B, n, n] and beta [B, n] of a head on the raw float64 Gram s [B, n, n] of the rows scaled
+    by ``scale`` [B, n] (None: 1); A is then A'_ij scale_j, as head_math.h writes it."""
     B, n, _ = s.shape
-    inv_r = inverse_norms(s, eps)
+    inv_r = inverse_norms(s, eps, scale)
     c = _cosines(s, inv_r)
     w_mat = torch.zeros_like(s)
     beta = torch.zeros_like(inv_r)
@@ -153,6 +156,8 @@ def head_forward(head: str, s: torch.Tensor, l1: torch.Tensor | None, resultant:
     shat = w_mat * inv_r[:, :, None] * inv_r[:, None, :]
     shat = torch.where(off, shat, torch.diag_embed(diag))
     a = shat + shat.transpose(1, 2)
+    if scale is not None:
+        a = a * scale[:, None, :]
     bad = torch.isnan(loss)
     a = torch.where(bad[:, None, None], torch.full_like(a, math.nan), a)
     beta = torch.where(bad[:, None], torch.full_like(beta, math.nan), beta)
@@ -160,10 +165,10 @@ def head_forward(head: str, s: torch.Tensor, l1: torch.Tensor | None, resultant:
 
 
 def gram_statistics(s: torch.Tensor, resultant: torch.Tensor, m: torch.Tensor, q: float, n: int, d: int,
-                    eps: float, jitter: float, rho_max: float) -> torch.Tensor:
+                    eps: float, jitter: float, rho_max: float, scale: torch.Tensor | None = None) -> torch.Tensor:
     """[B, 6] float64: rho, rho_q (from the column sums m [B, D]), kappa (p = D), mean cosine,
-    coherence, dpp."""
-    inv_r = inverse_norms(s, eps)
+    coherence, dpp; s is the Gram of the rows scaled by ``scale`` (None: 1)."""
+    inv_r = inverse_norms(s, eps, scale)
     c = _cosines(s, inv_r)
     rho = _mrl(resultant, n)
     a = (m * (1.0 / n)).abs()

@@ -60,35 +60,39 @@ std::tuple<Tensor, Tensor> cuda_gram(const Tensor& x, bool with_l1) {
   return {s, l1};
 }
 
-std::tuple<Tensor, Tensor, Tensor> cuda_loss(const Tensor& x, const std::string& head, double p = 0) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_loss(const Tensor& x, const std::string& head, double p = 0,
+                                                     double eps = kEps) {
   const int64_t B = x.size(0), n = x.size(1);
   const auto h = fastdiv::parse_head(head);
   Tensor loss = at::full({B}, NAN, acc_options(x));
   Tensor a = at::full({B, n, n}, NAN, acc_options(x));
   const int64_t beta_n = h == fastdiv::heads::Head::kSparsity ? n : 0;
   Tensor beta = at::full({B, beta_n}, NAN, acc_options(x));
+  Tensor row_scale = at::full({B, n}, NAN, acc_options(x));
   std::vector<unsigned char> ws(cuda::gram_workspace_bytes(B, n));
-  const cudaError_t err = cuda::gram_loss(native_test::rows_view_of(x), h, fastdiv::heads::Params{kEps, kJitter, p, kRhoMax},
+  const cudaError_t err = cuda::gram_loss(native_test::rows_view_of(x), h, fastdiv::heads::Params{eps, kJitter, p, kRhoMax},
                                           loss.data_ptr(), a.data_ptr(), beta.numel() ? beta.data_ptr() : nullptr,
-                                          ws.empty() ? nullptr : ws.data(), nullptr);
+                                          row_scale.data_ptr(), ws.empty() ? nullptr : ws.data(), nullptr);
   EXPECT(err == cudaSuccess, "gram_loss launch: ", static_cast<int>(err));
-  return {loss, a, beta};
+  return {loss, a, beta, row_scale};
 }
 
-Tensor cuda_stats(const Tensor& x, double q) {
+Tensor cuda_stats(const Tensor& x, double q, double eps = kEps) {
   Tensor out = at::full({x.size(0), 6}, NAN, acc_options(x));
   std::vector<unsigned char> ws(cuda::gram_workspace_bytes(x.size(0), x.size(1)));
-  const cudaError_t err = cuda::concentration_stats(native_test::rows_view_of(x), q, fastdiv::heads::Params{kEps, kJitter, 0.0, kRhoMax},
+  const cudaError_t err = cuda::concentration_stats(native_test::rows_view_of(x), q, fastdiv::heads::Params{eps, kJitter, 0.0, kRhoMax},
                                                     out.data_ptr(), ws.empty() ? nullptr : ws.data(), nullptr);
   EXPECT(err == cudaSuccess, "concentration_stats launch: ", static_cast<int>(err));
   return out;
 }
 
-Tensor cuda_pullback(const Tensor& x, const Tensor& a, const Tensor* beta, const Tensor* scale) {
+Tensor cuda_pullback(const Tensor& x, const Tensor& a, const Tensor* beta, const Tensor* scale,
+                     const Tensor* row_scale = nullptr) {
   Tensor dx = at::full(x.sizes(), NAN, x.options().memory_format(at::MemoryFormat::Contiguous));
   const cudaError_t err =
       cuda::gram_pullback(native_test::rows_view_of(x), a.data_ptr(), beta ? beta->data_ptr() : nullptr,
-                          scale ? scale->data_ptr() : nullptr, scale ? scale->stride(0) : 0, dx.data_ptr(), nullptr);
+                          scale ? scale->data_ptr() : nullptr, scale ? scale->stride(0) : 0,
+                          row_scale ? row_scale->data_ptr() : nullptr, dx.data_ptr(), nullptr);
   EXPECT(err == cudaSuccess, "pullback launch: ", static_cast<int>(err));
   return dx;
 }
@@ -96,9 +100,10 @@ Tensor cuda_pullback(const Tensor& x, const Tensor& a, const Tensor* beta, const
 // Loss and coefficients against the CPU kernel's. The two compute the same head on Grams that differ
 // by summation order only; the DPP head amplifies that by the condition number of C + jitter I, so the
 // reduced-precision inputs use D >= 4 n (well conditioned) and a looser bound.
-void expect_loss_matches_cpu(const Tensor& x, const std::string& head, const std::string& what) {
-  const auto [loss, a, beta] = cuda_loss(x, head);
-  const auto [l_ref, a_ref, b_ref] = cpu::gram_loss(x, head, kEps, kJitter, 0.0, kRhoMax);
+void expect_loss_matches_cpu(const Tensor& x, const std::string& head, const std::string& what, double eps = kEps) {
+  const auto [loss, a, beta, row_scale] = cuda_loss(x, head, 0.0, eps);
+  const auto [l_ref, a_ref, b_ref, rs_ref] = cpu::gram_loss(x, head, eps, kJitter, 0.0, kRhoMax);
+  EXPECT(at::equal(row_scale, rs_ref), what, " row scales");
   const double rtol = x.scalar_type() == at::kDouble ? 1e-9 : 2e-3;
   const auto scale_of = [](const Tensor& t) {
     return t.numel() ? t.abs().max().clamp_min(1.0) : at::ones({}, t.options());
@@ -144,8 +149,8 @@ TEST(losses_match_cpu_half_precision) {
 
 TEST(kappa_with_explicit_dimension) {
   const Tensor x = at::randn({2, 5, 64}, at::kDouble);
-  const auto [loss, a, beta] = cuda_loss(x, "kappa", 10.0);
-  const auto [l_ref, a_ref, b_ref] = cpu::gram_loss(x, "kappa", kEps, kJitter, 10.0, kRhoMax);
+  const auto [loss, a, beta, rs] = cuda_loss(x, "kappa", 10.0);
+  const auto [l_ref, a_ref, b_ref, rs_ref] = cpu::gram_loss(x, "kappa", kEps, kJitter, 10.0, kRhoMax);
   EXPECT_CLOSE(loss, l_ref, l_ref.abs(), 1e-9, 0.0, "kappa p=10");
 }
 
@@ -194,8 +199,8 @@ TEST(strided_inputs_match_contiguous) {
       const std::string what = c10::str(dtype, " n=", s.n);
       EXPECT(same_bits(std::get<0>(cuda_gram(x, true)), std::get<0>(cuda_gram(xc, true))), what, " gram");
       for (const std::string head : {"dpp", "kappa", "sparsity"}) {
-        const auto [l, a, b] = cuda_loss(x, head);
-        const auto [lc, ac, bc] = cuda_loss(xc, head);
+        const auto [l, a, b, rs] = cuda_loss(x, head);
+        const auto [lc, ac, bc, rsc] = cuda_loss(xc, head);
         EXPECT(same_bits(l, lc) && same_bits(a, ac) && same_bits(b, bc), what, " ", head);
       }
       const Tensor a = at::randn({s.B, s.n, s.n}, acc_options(x));
@@ -209,8 +214,8 @@ TEST(repeated_calls_give_the_same_bits_and_leave_inputs_alone) {
     const Tensor x = at::randn({s.B, s.n, s.d});
     const Tensor before = x.clone();
     for (const std::string head : {"dpp", "kappa"}) {
-      const auto [l1, a1, b1] = cuda_loss(x, head);
-      const auto [l2, a2, b2] = cuda_loss(x, head);
+      const auto [l1, a1, b1, rs1] = cuda_loss(x, head);
+      const auto [l2, a2, b2, rs2] = cuda_loss(x, head);
       EXPECT(same_bits(l1, l2) && same_bits(a1, a2), head, " n=", s.n);
       EXPECT(same_bits(cuda_pullback(x, a1, nullptr, nullptr), cuda_pullback(x, a1, nullptr, nullptr)), "pullback");
     }
@@ -226,8 +231,8 @@ TEST(zero_duplicate_and_nan_rows) {
     x[1][2].copy_(x[1][0]);     // duplicate rows: C has two equal rows, the DPP jitter keeps it finite
     x[2][0][3] = NAN;           // NaN propagates to that input only
     for (const auto& head : kHeads) {
-      const auto [loss, a, beta] = cuda_loss(x, head);
-      const auto [l_ref, a_ref, b_ref] = cpu::gram_loss(x, head, kEps, kJitter, 0.0, kRhoMax);
+      const auto [loss, a, beta, rs] = cuda_loss(x, head);
+      const auto [l_ref, a_ref, b_ref, rs_ref] = cpu::gram_loss(x, head, kEps, kJitter, 0.0, kRhoMax);
       const std::string what = c10::str(head, " n=", n);
       EXPECT(at::equal(loss.isnan(), l_ref.isnan()) && at::equal(a.isnan(), a_ref.isnan()), what, " NaN pattern");
       EXPECT(loss.slice(0, 0, 2).isfinite().all().item<bool>(), what, ": zero/duplicate rows stay finite");
@@ -237,17 +242,53 @@ TEST(zero_duplicate_and_nan_rows) {
   }
 }
 
+// Rows whose squares leave fp32's range (|x| ~ 1e19 overflows, ~1e-30 flushes to 0) are rescaled by
+// powers of two (head_math.h, "Row scaling"): the same row scales, losses, statistics and pullbacks as
+// the CPU kernels, and the values of the same input in fp64, through the fused (n = 5) and the
+// two-launch (n = 36) paths. Batch element 1 mixes scaled and unscaled rows.
+TEST(rows_out_of_the_squares_range_match_cpu_and_fp64) {
+  for (const int64_t n : {5, 36})
+    for (const double scale : {1e19, 1e-30}) {
+      const Tensor x64 = at::randn({2, n, 4 * n + 8}, at::kDouble);  // D >= 4 n: see expect_loss_matches_cpu
+      Tensor x = (x64 * scale).to(at::kFloat);
+      x[1][0].copy_(x64[1][0].to(at::kFloat));  // an unscaled row beside the scaled ones
+      const Tensor xd = x.to(at::kDouble);      // the same values in fp64, no range problem there
+      const double eps = scale < 1 ? 1e-45 : kEps;  // a floor below the tiny rows' norms
+      const std::string what = c10::str("n=", n, " scale=", scale);
+      for (const auto& head : kHeads) {
+        const auto [loss, a, beta, rs] = cuda_loss(x, head, 0.0, eps);
+        const auto [l_ref, a_ref, b_ref, rs_ref] = cpu::gram_loss(x, head, eps, kJitter, 0.0, kRhoMax);
+        EXPECT(at::equal(rs, rs_ref), what, " ", head, ": row scales as on the CPU");
+        EXPECT_CLOSE(loss, l_ref, l_ref.abs().clamp_min(1.0), 2e-3, 0.0, what, " ", head, " loss vs CPU");
+        EXPECT_CLOSE(a, a_ref, a_ref.abs().max().clamp_min(1e-300), 2e-3, 0.0, what, " ", head, " A vs CPU");
+        const auto [l64, a64, b64, rs64] = cpu::gram_loss(xd, head, eps, kJitter, 0.0, kRhoMax);
+        EXPECT(rs.slice(0, 0, 1).ne(1).all().item<bool>(), what, " ", head, ": rows not rescaled");
+        EXPECT_CLOSE(loss, l64, l64.abs().clamp_min(1.0), 2e-3, 0.0, what, " ", head, " loss vs fp64");
+        // the pullback with the row scales is the fp64 gradient
+        const Tensor* b = beta.numel() ? &beta : nullptr;
+        const Tensor dx = cuda_pullback(x, a, b, nullptr, &rs);
+        const Tensor dx64 = cpu::gram_pullback(xd, a64, b64.numel() ? std::optional<Tensor>(b64) : std::nullopt);
+        EXPECT_CLOSE(dx, dx64, dx64.abs().amax({2}, true).clamp_min(1e-300), 2e-3, 0.0, what, " ", head,
+                     " gradient vs fp64");
+      }
+      const Tensor st = cuda_stats(x, 2.0, eps);
+      const Tensor st64 = cpu::concentration_stats(xd, 2.0, eps, kJitter, kRhoMax);
+      EXPECT_CLOSE(st.slice(1, 0, 5), st64.slice(1, 0, 5), st64.slice(1, 0, 5).abs().clamp_min(1.0), 2e-3, 0.0,
+                   what, " stats vs fp64");
+    }
+}
+
 TEST(empty_inputs) {
   const Tensor x0 = at::randn({0, 4, 9});
   EXPECT(cuda::gram_loss(native_test::rows_view_of(x0), fastdiv::heads::Head::kDpp, fastdiv::heads::Params{kEps, kJitter, 0, kRhoMax},
-                         nullptr, nullptr, nullptr, nullptr, nullptr) == cudaSuccess,
+                         nullptr, nullptr, nullptr, nullptr, nullptr, nullptr) == cudaSuccess,
          "B = 0 launches nothing");
   EXPECT(cuda::gram_workspace_bytes(0, 40) == 0, "no workspace for B = 0");
   const Tensor xd = at::randn({2, 3, 0});  // D = 0: S = 0, every row below eps
   const auto [S, l1] = cuda_gram(xd, true);
   EXPECT(S.abs().max().item<double>() == 0 && l1.abs().max().item<double>() == 0, "D = 0 Gram is 0");
-  const auto [loss, a, beta] = cuda_loss(xd, "mean");
-  const auto [l_ref, a_ref, b_ref] = cpu::gram_loss(xd, "mean", kEps, kJitter, 0.0, kRhoMax);
+  const auto [loss, a, beta, rs] = cuda_loss(xd, "mean");
+  const auto [l_ref, a_ref, b_ref, rs_ref] = cpu::gram_loss(xd, "mean", kEps, kJitter, 0.0, kRhoMax);
   EXPECT(at::equal(loss, l_ref) && at::equal(a, a_ref), "D = 0 mean head as on CPU");
   EXPECT(cuda_pullback(xd, a, nullptr, nullptr).numel() == 0, "D = 0 pullback is empty");
 }

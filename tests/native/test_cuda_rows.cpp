@@ -416,6 +416,52 @@ TEST(single_sample) {
   }
 }
 
+// Rows whose squares leave fp32's range (|x| ~ 1e19 overflows, ~1e-30 flushes to 0) take the rare path
+// of head_math.h's "Row scaling", as on the CPU (whose results test_kernels.cpp checks against the
+// unscaled rows). One row per input stays at scale 1. D = 40 puts four teams of 32 in a block, D = 300
+// two teams of 64 (team reductions with barriers): a team whose row needs no rare path still takes part
+// in the block's rare reductions, and keeps its own result.
+TEST(rows_out_of_the_squares_range_match_cpu) {
+  for (const double scale : {1e19, 1e-30, 1e30})
+    for (const int64_t D : {int64_t{40}, int64_t{300}, int64_t{5000}}) {
+      Tensor x = (randn_input({2, 3, D}, at::kDouble) * scale).to(at::kFloat);
+      x[1][1].copy_(randn_input({D}, at::kFloat));
+      const double eps = scale < 1 ? 1e-300 : kEps;
+      const auto ctx = c10::str("scale=", scale, " D=", D);
+      const double rtol = out_rtol(at::kFloat) + acc_rtol(at::kFloat);
+      Tensor u = at::full(x.sizes(), kNaN, x.options());
+      EXPECT(gpu::normalize(native_test::rows_view_of(x), eps, u.data_ptr(), nullptr) == cudaSuccess, ctx);
+      const Tensor u_ref = cpu::normalize(x, eps);
+      expect_match(u, u_ref, f64(u_ref).abs().amax({2}, true), rtol, 0.0, c10::str("normalize; ", ctx));
+      EXPECT(f64(u).square().sum(-1).sub(1).abs().max().item<double>() < 1e-5, "normalize: unit rows; ", ctx);
+      const Tensor g = randn_input({2, 3, D}, at::kFloat);
+      Tensor dx = at::full(x.sizes(), kNaN, x.options());
+      EXPECT(gpu::normalize_pullback(native_test::rows_view_of(x), g.data_ptr(), eps, dx.data_ptr(), nullptr) ==
+                 cudaSuccess,
+             ctx);
+      const Tensor dx_ref = cpu::normalize_pullback(x, g, eps);
+      expect_match(dx, dx_ref, f64(dx_ref).abs().amax({2}, true), rtol, 0.0, c10::str("normalize_pullback; ", ctx));
+      const auto opts = x.options();
+      Tensor r = at::full({2, 3}, kNaN, opts), mean = at::full({2, D}, kNaN, opts), var = at::full({2, D}, kNaN, opts);
+      EXPECT(gpu::column_stats(native_test::rows_view_of(x), eps, r.data_ptr(), mean.data_ptr(), var.data_ptr(),
+                               nullptr) == cudaSuccess,
+             ctx);
+      const auto [r_ref, m_ref, v_ref] = cpu::column_stats(x, eps);
+      expect_match(r, r_ref, f64(r_ref).abs(), rtol, 0.0, c10::str("r; ", ctx));
+      expect_match(mean, m_ref, f64(m_ref).abs().amax({1}, true), rtol, 0.0, c10::str("mean; ", ctx));
+      expect_match(var, v_ref, f64(v_ref).abs().amax({1}, true), rtol, 0.0, c10::str("var; ", ctx));
+      const Tensor gr = at::randn({2, 3}, opts), gm = at::randn({2, D}, opts), gv = at::randn({2, D}, opts);
+      Tensor dxs = at::full(x.sizes(), kNaN, x.options());
+      EXPECT(gpu::column_stats_pullback(native_test::rows_view_of(x), r_ref.data_ptr(), m_ref.data_ptr(),
+                                        gr.data_ptr(), gm.data_ptr(), gv.data_ptr(), eps, dxs.data_ptr(),
+                                        nullptr) == cudaSuccess,
+             ctx);
+      const Tensor dxs_ref = cpu::column_stats_pullback(x, r_ref, m_ref, gr, gm, gv, eps);
+      expect_match(dxs, dxs_ref, f64(dxs_ref).abs().amax({2}, true), rtol, 0.0,
+                   c10::str("column_stats_pullback; ", ctx));
+    }
+}
+
 }  // namespace
 
 int main() { return native_test::run_all_tests(); }

@@ -89,8 +89,11 @@ Tensor head_oracle(const Tensor& x, const std::string& head, double p = 0) {
   TORCH_CHECK(false, "head_oracle: unknown head ", head);
 }
 
+// loss, A and beta of gram_loss, for inputs whose rows all keep the row scale 1 (checked)
 std::tuple<Tensor, Tensor, Tensor> loss_of(const Tensor& x, const std::string& head, double p = 0) {
-  return cpu::gram_loss(x, head, kEps, kJitter, p, kRhoMax);
+  const auto [loss, a, beta, row_scale] = cpu::gram_loss(x, head, kEps, kJitter, p, kRhoMax);
+  EXPECT(row_scale.numel() == 0 || row_scale.eq(1).all().item<bool>(), "loss_of: a row was rescaled");
+  return {loss, a, beta};
 }
 
 // --------------------------------------------------------------------------------------- gram
@@ -546,6 +549,77 @@ TEST(concentration_stats_matches_aten) {
 
 // The fused EOT step against the formulas of docs/design.md §2.6 in double, for both norms, with and without
 // MI-FGSM momentum, per-example alpha/eps and a strided [B, n, D] view of [n, B, D] gradients.
+// Rows whose squares leave the accumulation dtype's range (fp32: |x| ~ 1e19 overflows, ~1e-30 flushes
+// to 0; fp64: 2^+-700) are rescaled by powers of two (head_math.h, "Row scaling"): every op gives the
+// values of the same rows at scale 1, and the gram_loss pullback with its row scales the gradient at
+// scale 1 divided by the scale. Batch element 1 has one row at scale 1 beside the scaled ones (the Gram
+// losses scale it too); the Gram of the tiles past kTile goes through the same rare path.
+TEST(rows_out_of_the_squares_range_give_the_unscaled_values) {
+  struct Case {
+    at::ScalarType dtype;
+    double scale, rtol;
+  };
+  const double p700 = std::ldexp(1.0, 700);
+  for (const Case c : {Case{at::kFloat, 1e19, 1e-4}, Case{at::kFloat, 1e-30, 1e-4}, Case{at::kFloat, 1e30, 1e-4},
+                       Case{at::kBFloat16, 1e30, 2e-2}, Case{at::kDouble, p700, 1e-10},
+                       Case{at::kDouble, 1 / p700, 1e-10}})
+    for (const int64_t D : {int64_t{33}, cpu::kTile + 1}) {
+      const Tensor base = randn_input({2, 5, D}, c.dtype);  // scale 1
+      const Tensor x = (f64(base) * c.scale).to(c.dtype);
+      Tensor xs = x.clone();  // batch element 1 mixes scaled rows and an unscaled one
+      xs[1][0].copy_(base[1][0]);
+      const double eps = c.scale < 1 ? 1e-300 : kEps;
+      const auto ctx = c10::str(c.dtype, " scale=", c.scale, " D=", D);
+      // The reference: the same data in fp64 for the narrower dtypes (fp64 squares hold theirs); for fp64
+      // itself the rows at scale 1, whose losses are those of xs and whose gradients are xs's times the scale.
+      const bool wide = c.dtype == at::kDouble;
+      Tensor factor = at::full({2, 5, 1}, wide ? c.scale : 1.0, at::TensorOptions().dtype(at::kDouble));
+      factor[1][0] = 1.0;
+      const Tensor ref = wide ? f64(xs) / factor : f64(xs);
+      const double rtol = wide ? 1e-10 : 1e-3;
+      for (const auto& head : kHeads) {
+        const auto [loss, a, beta, rs] = cpu::gram_loss(xs, head, eps, kJitter, 0.0, kRhoMax);
+        const auto [l1, a1, b1, rs1] = cpu::gram_loss(ref, head, eps, kJitter, 0.0, kRhoMax);
+        // every row of an input with a row out of range is scaled (head_math.h says why)
+        EXPECT(rs.ne(1).all().item<bool>(), ctx, " ", head, ": row scales ", rs);
+        EXPECT(rs1.eq(1).all().item<bool>(), ctx, " ", head, ": the reference's rows need no scale");
+        EXPECT_CLOSE(loss, l1, l1.abs().clamp_min(1.0), rtol, 0.0, ctx, " ", head);
+        const Tensor dx = cpu::gram_pullback(xs, a, beta.numel() ? std::optional<Tensor>(beta) : std::nullopt,
+                                             std::nullopt, rs);
+        const Tensor dx1 =
+            cpu::gram_pullback(ref, a1, b1.numel() ? std::optional<Tensor>(b1) : std::nullopt) / factor;
+        EXPECT(f64(dx).isfinite().all().item<bool>(), ctx, " ", head, ": non-finite gradient");
+        EXPECT_CLOSE(dx, dx1, dx1.abs().amax({2}, true), wide ? rtol : std::max(rtol, c.rtol), 0.0, ctx, " ", head,
+                     " gradient");  // dx is rounded to the input's dtype
+      }
+      const Tensor st = cpu::concentration_stats(xs, 2.0, eps, kJitter, kRhoMax);
+      const Tensor st1 = cpu::concentration_stats(ref, 2.0, eps, kJitter, kRhoMax);
+      EXPECT_CLOSE(st, st1, st1.abs().clamp_min(1.0), rtol, 0.0, ctx, " stats");
+      // the row ops against the unit rows of base: u, its pullback, the column statistics
+      const Tensor u = cpu::normalize(x, eps);
+      const Tensor u_ref = unit_rows64(base);
+      EXPECT_CLOSE(u, u_ref, u_ref.abs().amax({2}, true), c.rtol, 0.0, ctx, " normalize");
+      const Tensor g = randn_input({2, 5, D}, c.dtype);
+      const Tensor dxn = cpu::normalize_pullback(x, g, eps);
+      const Tensor dxn_ref = cpu::normalize_pullback(f64(base), f64(g), eps) / c.scale;
+      EXPECT_CLOSE(f64(dxn), dxn_ref, dxn_ref.abs().amax({2}, true), c.rtol, 0.0, ctx, " normalize_pullback");
+      const auto [r, mean, var] = cpu::column_stats(x, eps);
+      const auto [r1, mean1, var1] = cpu::column_stats(f64(base), eps);
+      EXPECT_CLOSE(f64(r), f64(r1) * c.scale, f64(r1) * c.scale, c.rtol, 0.0, ctx, " r");
+      EXPECT_CLOSE(mean, mean1, mean1.abs().amax({1}, true), c.rtol, 0.0, ctx, " mean");
+      EXPECT_CLOSE(var, var1, var1.abs().amax({1}, true), c.rtol, 0.0, ctx, " var");
+      // the gradients of the mean and variance of u scale with 1 / scale, that of r (u itself) does not
+      const Tensor gr = at::randn_like(r1), gm = at::randn_like(mean1), gv = at::randn_like(var1);
+      const auto acc = r.scalar_type();
+      const Tensor dxs = cpu::column_stats_pullback(x, r, mean, std::nullopt, gm.to(acc), gv.to(acc), eps);
+      const Tensor dxs_ref = cpu::column_stats_pullback(f64(base), r1, mean1, std::nullopt, gm, gv, eps) / c.scale;
+      EXPECT_CLOSE(f64(dxs), dxs_ref, dxs_ref.abs().amax({2}, true), c.rtol, 0.0, ctx, " column_stats_pullback");
+      const Tensor dxr = cpu::column_stats_pullback(x, r, mean, gr.to(acc), std::nullopt, std::nullopt, eps);
+      const Tensor dxr_ref = cpu::column_stats_pullback(f64(base), r1, mean1, gr, std::nullopt, std::nullopt, eps);
+      EXPECT_CLOSE(f64(dxr), dxr_ref, dxr_ref.abs().amax({2}, true), c.rtol, 0.0, ctx, " column_stats_pullback r");
+    }
+}
+
 TEST(eot_step_matches_aten) {
   for (const auto dtype : kDtypes)
     for (const int64_t D : {int64_t{1}, int64_t{37}, cpu::kTile + 3})
@@ -657,10 +731,10 @@ TEST(dispatcher_calls_match_direct_calls) {
   const auto gram_loss_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastdiv::gram_loss", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::string&, double, double, double,
-                                                    double)>();
+          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const std::string&, double, double,
+                                                            double, double)>();
   for (const auto& head : kHeads) {
-    const auto [l, a, b] = gram_loss_op.call(x, head, kEps, kJitter, 0.0, kRhoMax);
+    const auto [l, a, b, rs] = gram_loss_op.call(x, head, kEps, kJitter, 0.0, kRhoMax);
     const auto [ld, ad, bd] = loss_of(x, head);
     EXPECT(at::equal(l, ld) && at::equal(a, ad) && at::equal(b, bd), "typed gram_loss head=", head);
   }
@@ -679,21 +753,28 @@ TEST(dispatcher_calls_match_direct_calls) {
 
   const auto& pull_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::gram_pullback", "");
   const auto [l, a, b] = loss_of(x, "sparsity");
-  // A boxed stack carries every argument, the defaulted Tensor? scale=None included.
-  std::vector<c10::IValue> pstack{x, a, b, c10::IValue()};
+  // A boxed stack carries every argument, the defaulted Tensor? scale=None and row_scale=None included.
+  std::vector<c10::IValue> pstack{x, a, b, c10::IValue(), c10::IValue()};
   pull_op.callBoxed(&pstack);
   EXPECT(pstack.size() == 1 && at::equal(pstack[0].toTensor(), cpu::gram_pullback(x, a, b)), "boxed pullback");
-  std::vector<c10::IValue> nstack{x, a, c10::IValue(), c10::IValue()};  // Tensor? beta = None
+  std::vector<c10::IValue> nstack{x, a, c10::IValue(), c10::IValue(), c10::IValue()};  // Tensor? beta = None
   pull_op.callBoxed(&nstack);
   EXPECT(nstack.size() == 1 && at::equal(nstack[0].toTensor(), cpu::gram_pullback(x, a, std::nullopt)),
          "boxed pullback, beta None");
   const Tensor grad_loss = at::full({1}, 0.25, x.options()).expand({x.size(0)});  // stride 0, as from .sum()
-  std::vector<c10::IValue> sstack{x, a, b, grad_loss};
+  std::vector<c10::IValue> sstack{x, a, b, grad_loss, c10::IValue()};
   pull_op.callBoxed(&sstack);
   EXPECT(sstack.size() == 1 && at::equal(sstack[0].toTensor(), cpu::gram_pullback(x, a * 0.25, b * 0.25)),
          "boxed pullback, scale");
-  std::vector<c10::IValue> bad_stack{x, a, b, at::ones({x.size(0) + 1}, x.options())};
+  const Tensor rows = at::full({x.size(0), x.size(1)}, 0.5, x.options());
+  std::vector<c10::IValue> rstack{x, a, b, c10::IValue(), rows};
+  pull_op.callBoxed(&rstack);
+  EXPECT(rstack.size() == 1 && at::equal(rstack[0].toTensor(), cpu::gram_pullback(x, a * 0.5, b * 0.5)),
+         "boxed pullback, row_scale");
+  std::vector<c10::IValue> bad_stack{x, a, b, at::ones({x.size(0) + 1}, x.options()), c10::IValue()};
   EXPECT_THROWS(pull_op.callBoxed(&bad_stack), "bad scale via dispatcher");
+  std::vector<c10::IValue> bad_rows{x, a, b, c10::IValue(), at::ones({x.size(0), x.size(1) + 1}, x.options())};
+  EXPECT_THROWS(pull_op.callBoxed(&bad_rows), "bad row_scale via dispatcher");
 
   const auto& norm_op = c10::Dispatcher::singleton().findSchemaOrThrow("fastdiv::normalize", "");
   std::vector<c10::IValue> ustack{x, kEps};

@@ -45,7 +45,7 @@ from ._helpers import (
     op_inputs,
     requires_extension,
 )
-from conftest import STAT_FIELDS, assert_close64, dtype_id, randn
+from conftest import STAT_FIELDS, assert_as_accurate, assert_close64, dtype_id, randn
 
 # =====================================================================================================
 # raw semantics
@@ -132,9 +132,10 @@ def test_gram_loss_backward_is_one_pullback_launch(backend):
 def test_gram_loss_op_matches_public_loss(backend, head):
     ops = namespace(backend)
     x = randn(3, 4, 9, seed=5)
-    loss, a, beta = ops.gram_loss(x, head, EPS, JITTER, 0.0, RHO_MAX)
+    loss, a, beta, row_scale = ops.gram_loss(x, head, EPS, JITTER, 0.0, RHO_MAX)
     assert a.shape == (3, 4, 4) and torch.allclose(a, a.transpose(1, 2))  # symmetric pullback matrix
     assert beta.shape == ((3, 4) if head == "sparsity" else (3, 0))
+    assert torch.equal(row_scale, torch.ones(3, 4, dtype=x.dtype))  # no row out of range
     public = {"dpp": reference.dpp_loss, "mean": reference.mean_cosine_loss, "kappa": reference.kappa_loss,
               "max": reference.max_cosine_loss, "smoothmax": reference.smoothmax_cosine_loss,
               "gal": reference.gal_loss, "mean_penalty": reference.mean_penalty,
@@ -144,6 +145,98 @@ def test_gram_loss_op_matches_public_loss(backend, head):
     leaf = x.clone().requires_grad_()
     public(leaf).sum().backward()
     assert_close64(ops.gram_pullback(x, a, beta if beta.numel() else None), leaf.grad, "pullback", rtol=1e-8)
+
+
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_gram_pullback_row_scale_op(backend):
+    """Row i of dX_b is multiplied by row_scale[b, i]: dX = row_scale ⊙ scale (A X + beta sign(X)); absent or
+    empty means 1 (bit for bit)."""
+    ops = namespace(backend)
+    x = randn(3, 5, 70, seed=37)
+    a, beta, scale = randn(3, 5, 5, seed=38), randn(3, 5, seed=39), randn(3, seed=40)
+    rs = torch.pow(2.0, randn(3, 5, seed=41).mul(30).round())
+    plain = a @ x + beta[:, :, None] * torch.sign(x)
+    assert_close64(ops.gram_pullback(x, a, beta, None, rs), rs[:, :, None] * plain, "row_scale (A X + beta sign X)")
+    assert_close64(ops.gram_pullback(x, a, beta, scale, rs), (scale[:, None] * rs)[:, :, None] * plain, "with scale")
+    assert_close64(ops.gram_pullback(x, a, None, None, rs), rs[:, :, None] * (a @ x), "no beta")
+    want = ops.gram_pullback(x, a, beta, scale)
+    for ones in (None, torch.ones(3, 5, dtype=torch.float64), torch.empty(3, 0, dtype=torch.float64)):
+        assert torch.equal(ops.gram_pullback(x, a, beta, scale, ones), want)
+    with pytest.raises(ValueError, match="row_scale"):
+        ops.gram_pullback(x, a, beta, None, torch.ones(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="row_scale"):
+        ops.gram_pullback(x, a, beta, None, torch.ones(3, 5, dtype=torch.float32))
+
+
+#: inputs whose rows' squares leave fp32's range, and a norm floor below their norms: input 0 all rows at
+#: 2^100 (squares overflow), input 1 one row at 2^-100 (squares flush to 0) beside rows at 1, input 2 at 1
+def _out_of_range_rows(dtype=torch.float32, seed=42):
+    f = torch.ones(3, 4, 1, dtype=torch.float64)
+    f[0], f[1, 2] = 2.0**100, 2.0**-100
+    base = randn(3, 4, 33, seed=seed).to(dtype)
+    return base, (base.double() * f).to(dtype), f
+
+
+TINY_EPS = 1e-36
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_gram_loss_row_scales(backend, head):
+    """Every row of an input with rows out of the range of their squares gets the row scale 2^-e (max |x| =
+    f 2^e, f in [0.5, 1)), the rows of the other inputs 1; the loss is as accurate as on the unscaled rows
+    and the pullback with the row scales is the gradient (both against fp64 on the same data:
+    assert_as_accurate)."""
+    ops = namespace(backend)
+    base, x, f = _out_of_range_rows()
+    loss, a, beta, rs = ops.gram_loss(x, head, TINY_EPS, JITTER, 0.0, RHO_MAX)
+    _, e = torch.frexp(x.double().abs().amax(-1))
+    scaled = (f[..., 0] != 1).any(1, keepdim=True).expand_as(rs)
+    expected = torch.where(scaled, torch.pow(2.0, -e.double()), torch.ones_like(rs.double()))
+    assert torch.equal(rs.double(), expected), rs
+    b = beta if beta.numel() else None
+    public = {"dpp": reference.dpp_loss, "mean": reference.mean_cosine_loss, "kappa": reference.kappa_loss,
+              "max": reference.max_cosine_loss, "smoothmax": reference.smoothmax_cosine_loss,
+              "gal": reference.gal_loss, "mean_penalty": reference.mean_penalty,
+              "sparsity": reference.sparsity_penalty}[head]
+
+    def truth(t):
+        leaf = t.double().clone().requires_grad_()
+        value = public(leaf, eps=TINY_EPS)
+        value.sum().backward()
+        return value.detach(), leaf.grad
+
+    ref_loss, ref_a, ref_beta, ref_rs = ops.gram_loss(base, head, TINY_EPS, JITTER, 0.0, RHO_MAX)
+    assert torch.equal(ref_rs, torch.ones_like(ref_rs))
+    ref_grad = ops.gram_pullback(base, ref_a, ref_beta if ref_beta.numel() else None)
+    (t_loss, t_grad), (t_ref_loss, t_ref_grad) = truth(x), truth(base)
+    assert_as_accurate(loss, t_loss, ref_loss, t_ref_loss, torch.float32, f"{head} loss")
+    grad = ops.gram_pullback(x, a, b, None, rs)
+    assert_as_accurate(grad.double() * f, t_grad * f, ref_grad, t_ref_grad, torch.float32, f"{head} gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_out_of_range_rows_match_cpu_kernels(backend, dtype):
+    """Rows out of the range of their squares (the fused and the n > 32 paths): every launcher of the family
+    gives the C++ CPU ops' values, row scales included (float64 data at 2^+-700, outside the safe range of
+    its own accumulation)."""
+    ft, ops = kernels(backend), torch.ops.fastdiv
+    k = 700 if dtype == torch.float64 else 100
+    for n in (4, 40):
+        f = torch.ones(2, n, 1, dtype=torch.float64)
+        f[0], f[1, 1] = 2.0**k, 2.0**-k
+        x = (randn(2, n, 4 * n + 5, seed=n) * f).to(dtype)
+        xd = x.to(device_of(backend))
+        tol = acc_tol(dtype)
+        eps = 1e-300 if dtype == torch.float64 else TINY_EPS  # below the tiny rows' norms
+        for head in HEADS:
+            args = (head, eps, JITTER, 0.0, RHO_MAX)
+            got, want = ft.gram_loss(xd, *args), ops.gram_loss(x, *args)
+            check(got, want, tol, f"{head} n={n}")
+            assert (want[3][:2] != 1).all()  # every row of an input with a row out of range
+        check(ft.concentration_stats(xd, 2.0, eps, JITTER, RHO_MAX),
+              ops.concentration_stats(x, 2.0, eps, JITTER, RHO_MAX), tol, f"stats n={n}")
 
 
 @pytest.mark.parametrize("backend", SEMANTICS)
@@ -230,6 +323,9 @@ def test_opcheck_gram_pullback(backend, dtype):
     scale = randn(3, seed=12).to(acc).to(dev)
     opcheck(op, (x, a, beta, scale))
     opcheck(op, (x, a, None, scale[:1].expand(3)))  # stride 0
+    row_scale = randn(3, 4, seed=13).abs().to(acc).to(dev)
+    opcheck(op, (x, a, beta, scale, row_scale))
+    opcheck(op, (x, a, None, None, row_scale))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
@@ -402,10 +498,11 @@ def test_nan_input(backend, dtype):
     for name, actual, expected in launcher_results("gram", backend, x, op_inputs(x)):
         check(actual, expected, acc_tol(dtype), f"NaN {name}")
         if name in HEADS:
-            loss, a, beta = actual
+            loss, a, beta, row_scale = actual
             assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all(), f"{name}: {loss}"
             assert torch.isnan(a[1]).all() and torch.isfinite(a[[0, 2]]).all()
             assert torch.isnan(beta[1]).all()
+            assert (row_scale == 1).all()  # NaN rows are never rescaled: the NaN must reach the output
     stats = kernels(backend).concentration_stats(x.to(device_of(backend)), 2.0, EPS, JITTER, RHO_MAX)
     assert torch.isnan(stats[1]).all() and torch.isfinite(stats[[0, 2]]).all()
 
@@ -522,7 +619,7 @@ def test_fused_special_rows(backend, dtype):
         want = ops.gram_loss(x, *args)
         if dtype == torch.float64 or head != "dpp":
             check(got, want, tol, f"special {head}")
-        loss, a, beta = got
+        loss, a, beta, _ = got
         assert torch.isnan(loss[0]) and torch.isnan(a[0]).all() and torch.isnan(beta[0]).all(), head
         assert torch.isfinite(loss[1:]).all() and torch.isfinite(a[1:]).all() and torch.isfinite(beta[1:]).all(), head
         if head != "sparsity":  # zero rows get no coefficients (sparsity: beta is -inv_r / n = 0 there too)

@@ -41,6 +41,7 @@ from conftest import (
     LOSS_IDS,
     LOWP_DTYPES,
     STAT_FIELDS,
+    assert_as_accurate,
     assert_close64,
     assert_parity,
     dtype_id,
@@ -194,6 +195,62 @@ def test_parity_reduced_precision_concentration_stats(backend, dtype, q):
     fused = fastdiv.concentration_stats(x64.to(dtype).to(device_of(backend)), q=q, backend=backend)
     for field in STAT_FIELDS:
         assert_parity(getattr(fused, field).cpu(), getattr(ref, field), getattr(truth, field), dtype, field)
+
+
+# Finite rows at any scale (docs/losses.md): fp32 / bf16 squares overflow from |g| ~ 2^64 and flush to zero
+# below ~2^-75, fp16 squares never leave fp32's range. Per dtype, the exponents k of the scales 2^k tested
+# (2^100 ~ 1.3e30, 2^63 ~ 9.2e18, 2^-100 ~ 7.9e-31); fp16's keep the inputs and their gradients (~2^-k)
+# normal fp16 numbers.
+SCALE_EXPONENTS = {torch.float32: (-100, -80, 63, 100), torch.bfloat16: (-100, 63, 100), torch.float16: (-6, 6)}
+#: a norm floor below the norms of the tiniest rows (~2^-100 sqrt(D) ~ 5e-30): they keep their direction
+TINY_EPS = 1e-36
+
+
+def row_factors(k: int) -> torch.Tensor:
+    """[4, 5, 1] float64 powers of two: input 0 all rows at 2^k, input 1 one row at 2^k beside rows at 1,
+    input 2 rows at 2^k and 2^-k mixed, input 3 at 1."""
+    f = torch.ones(4, 5, 1, dtype=torch.float64)
+    f[0], f[1, 2], f[2, ::2], f[2, 1::2] = 2.0**k, 2.0**k, 2.0**k, 2.0**-k
+    return f
+
+
+def scale_cases(backend: str) -> list:
+    """(name, per-input function) of every loss, normalize and cosine_gram on ``backend``, floor TINY_EPS."""
+    out = [(c.id, lambda t, c=c: c(t, backend=backend, reduction="none", eps=TINY_EPS)) for c in LOSS_CASES]
+    return out + [(fn.__name__, lambda t, fn=fn: fn(t, backend=backend, eps=TINY_EPS))
+                  for fn in (fastdiv.normalize, fastdiv.cosine_gram)]
+
+
+@pytest.mark.parametrize("dtype", LOWP_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", backends("cpu", "torch", "triton:cpu", "cuda"))
+def test_rows_at_any_scale(backend, dtype):
+    """Rows scaled by powers of two whose squares leave the accumulation range (some rows of an input
+    scaled, others not): every loss and its gradient, normalize, cosine_gram and the statistics are as
+    accurate against the fp64 results on the same data as at scale 1 (the parity rule of
+    assert_as_accurate); gradients are compared times the row scale, as they scale with 1 / scale."""
+    base = randn(4, 5, 37, seed=81).to(dtype)
+    gen = torch.Generator().manual_seed(82)
+    dev = device_of(backend)
+    for k in SCALE_EXPONENTS[dtype]:
+        f = row_factors(k)
+        x = (base.double() * f).to(dtype)
+        assert torch.isfinite(x).all() and (x != 0).any(-1).all()
+        for (name, fn), (_, truth_fn) in zip(scale_cases(backend), scale_cases("torch")):
+            out_shape = tuple(truth_fn(base[:1].double()).shape[1:])
+            w = torch.rand((4, *out_shape), generator=gen, dtype=torch.float64) + 0.5
+            got, ref = value_and_grad(on_device(fn, backend), x, w), value_and_grad(on_device(fn, backend), base, w)
+            t_got, t_ref = value_and_grad(truth_fn, x.double(), w), value_and_grad(truth_fn, base.double(), w)
+            what = f"{name} 2^{k} {dtype_id(dtype)}"
+            assert_as_accurate(got[0], t_got[0], ref[0], t_ref[0], dtype, f"{what} value")
+            assert_as_accurate(got[1] * f, t_got[1] * f, ref[1], t_ref[1], dtype, f"{what} gradient")
+        for q in (1.0, math.inf):
+            got = fastdiv.concentration_stats(x.to(dev), q=q, eps=TINY_EPS, backend=backend)
+            ref = fastdiv.concentration_stats(base.to(dev), q=q, eps=TINY_EPS, backend=backend)
+            t_got = fastdiv.concentration_stats(x.double(), q=q, eps=TINY_EPS, backend="torch")
+            t_ref = fastdiv.concentration_stats(base.double(), q=q, eps=TINY_EPS, backend="torch")
+            for field in STAT_FIELDS:
+                assert_as_accurate(getattr(got, field).cpu(), getattr(t_got, field), getattr(ref, field).cpu(),
+                                   getattr(t_ref, field), dtype, f"{field} q={q} 2^{k} {dtype_id(dtype)}")
 
 
 # =====================================================================================================
@@ -1412,19 +1469,25 @@ def test_deterministic_normalize_cosine_gram_stats(backend):
 def test_results_do_not_depend_on_the_thread_count(backend, dtype):
     """The CPU kernels split the batch (or the rows) over threads, never a reduction, so 1, 2 and 3
     threads give the same bits. B = 13 with n = 4, D = 2049 is above the split grain (batch_grain in
-    fastdiv/csrc/cpu/tile.h), so 2 and 3 threads really split it, unevenly for 3."""
+    fastdiv/csrc/cpu/tile.h), so 2 and 3 threads really split it, unevenly for 3. Some inputs have rows
+    out of the range of their squares (2^100, 2^-100, 2^63; head_math.h, "Row scaling"), whose rare path
+    runs in whichever task holds them."""
     x = randn(13, 4, 2049, seed=5).to(dtype)
     x0 = randn(13, 2049, seed=6).to(dtype)
+    xs = x.clone()  # the losses' input; eot_step keeps x
+    xs[3] *= 2.0**100
+    xs[7, 2] *= 2.0**-100
+    xs[10, :2] *= 2.0**63
 
     def everything():
         out = []
         for case in LOSS_CASES:
-            leaf = x.clone().requires_grad_()
+            leaf = xs.clone().requires_grad_()
             value = case(leaf, backend=backend, reduction="none")
             (value * torch.arange(1, 14, dtype=value.dtype)).sum().backward()
             out += [value.detach(), leaf.grad]
-        out += list(fastdiv.concentration_stats(x, backend=backend))
-        out.append(fastdiv.normalize(x, backend=backend))
+        out += list(fastdiv.concentration_stats(xs, backend=backend))
+        out.append(fastdiv.normalize(xs, backend=backend))
         for norm in ("linf", "l2"):
             out += list(fastdiv.eot_step(x0, x0, x.transpose(0, 1), alpha=0.01, eps=0.03, norm=norm,
                                          backend=backend))

@@ -77,6 +77,56 @@ def test_column_stats_and_gram_grad_of_any_output_subset(backend, outputs):
         assert torch.autograd.gradcheck(lambda t: tuple(ops.gram(t, True)[k] for k in gram_outputs), (x,))
 
 
+#: norm floors below the norms of rows at 2^-100 (~1e-30; fp32, bf16) and 2^-700 (~1e-211; fp64)
+TINY_EPS = {torch.float32: 1e-36, torch.bfloat16: 1e-36, torch.float64: 1e-300}
+
+
+def _scaled_rows(dtype, k, seed=50):
+    """(rows at scale 1, the same rows with input 0 at 2^k and row (1, 1) at 2^-k, the factors)."""
+    f = torch.ones(2, 4, 1, dtype=torch.float64)
+    f[0], f[1, 1] = 2.0**k, 2.0**-k
+    base = randn(2, 4, 2049, seed=seed).to(dtype)  # D past the kernels' column tile
+    return base, (base.double() * f).to(dtype), f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("backend", SEMANTICS)
+def test_row_ops_at_any_scale(backend, dtype):
+    """Rows whose squares leave the accumulation range (fp32, bf16: 2^+-100; fp64: 2^+-700): u, the column
+    statistics and both pullbacks are those of the same rows at scale 1 (r times the scale, pullbacks
+    divided by it), to the rounding of the scaled data (exact: powers of two) and of the computation."""
+    ops = namespace(backend)
+    k = 700 if dtype == torch.float64 else 100
+    base, x, f = _scaled_rows(dtype, k)
+    eps = TINY_EPS[dtype]
+    tol = ACC_TOL[torch.float64] if dtype == torch.float64 else OUT_TOL[dtype]
+    close = lambda a, e, what: check(a.double().contiguous(), e.double().contiguous(), tol, what)  # noqa: E731
+    close(ops.normalize(x, eps), ops.normalize(base, eps), "normalize")
+    g = randn(2, 4, 2049, seed=51).to(dtype)
+    close(ops.normalize_pullback(x, g, eps).double() * f, ops.normalize_pullback(base, g, eps),
+          "normalize_pullback")
+    r, mean, var = ops.column_stats(x, eps)
+    r1, mean1, var1 = ops.column_stats(base, eps)
+    close(r.double() / f[..., 0], r1, "r")
+    close(mean, mean1, "mean")
+    close(var, var1, "var")
+    gr, gm, gv = (randn(*shape, seed=52 + i).to(r.dtype) for i, shape in enumerate([(2, 4), (2, 2049), (2, 2049)]))
+    # the mean and variance of u scale their gradients with 1 / scale; r's (u itself) does not
+    close(ops.column_stats_pullback(x, r, mean, None, gm, gv, eps).double() * f,
+          ops.column_stats_pullback(base, r1, mean1, None, gm, gv, eps), "column_stats_pullback")
+    close(ops.column_stats_pullback(x, r, mean, gr, None, None, eps),
+          ops.column_stats_pullback(base, r1, mean1, gr, None, None, eps), "column_stats_pullback, grad_r")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("backend", LAUNCHERS)
+def test_out_of_range_rows_match_cpu_kernels(backend, dtype):
+    """The launchers on rows out of the range of their squares give the C++ CPU ops' values."""
+    _, x, _ = _scaled_rows(dtype, 700 if dtype == torch.float64 else 100)
+    for name, actual, expected in launcher_results("rows", backend, x, op_inputs(x)):
+        check(actual, expected, acc_tol(dtype) if name != "normalize" else OUT_TOL[dtype], f"scaled {name}")
+
+
 @pytest.mark.parametrize("backend", SEMANTICS)
 def test_raw_row_op_errors(backend):
     ops = namespace(backend)

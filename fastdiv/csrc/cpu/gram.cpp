@@ -108,6 +108,59 @@ double column_resultant(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t
   return sq;
 }
 
+// Row scales of batch element b (head_math.h, "Row scaling") from its unscaled Gram S: all 1 unless a
+// diagonal entry is suspect and then a row's largest |x_ik| says it needs a scale; then every row's scale
+// from its maximum. Returns true when the rows are scaled (their Gram must be accumulated again, by
+// scaled_gram).
+template <typename T>
+bool row_scales(const Rows<T>& x, int64_t b, int64_t n, int64_t d, const double* S, double* scale) {
+  constexpr bool wide = std::is_same_v<acc_t<T>, double>;
+  std::fill(scale, scale + n, 1.0);
+  bool suspect = false;
+  for (int64_t i = 0; i < n; ++i) suspect |= heads::square_out_of_range(S[i * n + i], d, wide);
+  if (!suspect) return false;
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x.row(b, i);
+    double m = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const double a = std::abs(static_cast<double>(load_as<acc_t<T>>(xi[k])));
+      m = (a > m || a != a) ? a : m;  // a NaN sticks (no later a compares greater than it)
+    }
+    scale[i] = m;  // the maximum, until the scales are known to be needed
+    any |= heads::needs_scale(m, wide);
+  }
+  for (int64_t i = 0; i < n; ++i) scale[i] = any ? heads::row_scale(scale[i], wide) : 1.0;
+  return any;
+}
+
+// The Gram S and row l1 norms of the rows y_i = scale_i x_i of batch element b, accumulated in double
+// (only the diagonal with diagonal_only). The rare path of inputs with out-of-range rows: plain loops,
+// each entry a dot product of two rows.
+template <typename T>
+void scaled_gram(const Rows<T>& x, int64_t b, int64_t n, int64_t d, const double* scale, double* S, double* l1,
+                 bool diagonal_only) {
+  using A = acc_t<T>;
+  std::fill(S, S + n * n, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x.row(b, i);
+    for (int64_t j = diagonal_only ? i : 0; j <= i; ++j) {
+      const T* xj = x.row(b, j);
+      const double si = scale[i], sj = scale[j];
+      double acc = 0;
+      for (int64_t k = 0; k < d; ++k)
+        acc += (static_cast<double>(load_as<A>(xi[k])) * si) * (static_cast<double>(load_as<A>(xj[k])) * sj);
+      S[i * n + j] = acc;
+      S[j * n + i] = acc;
+    }
+    if (l1) {
+      double acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += std::abs(static_cast<double>(load_as<A>(xi[k])) * scale[i]);
+      l1[i] = acc;
+    }
+  }
+}
+
 template <typename T>
 void gram_kernel(const at::Tensor& x, at::Tensor& s, at::Tensor& l1) {
   using A = acc_t<T>;
@@ -135,15 +188,17 @@ constexpr int64_t kVec = 32;
 
 // tile points at row 0 of the columns, rows row_stride apart (the tile buffer, or X itself when it
 // already has the accumulation type).
+// row_scale (nullable): the factor of each output row (1 when null).
 template <typename T, typename A>
 inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_t n, int64_t i0, const A* ab,
-                          const A* beta, T* out, int64_t d, int64_t d0) {
+                          const A* beta, const A* row_scale, T* out, int64_t d, int64_t d0) {
   const int64_t rows = std::min(kRows, n - i0);
-  A coef[kRows], bet[kRows];
+  A coef[kRows], bet[kRows], rsc[kRows];
   const A* xr[kRows];
   for (int64_t r = 0; r < kRows; ++r) {
     xr[r] = tile + std::min(i0 + r, n - 1) * row_stride;  // padded rows read a valid row, are not stored
     bet[r] = (r < rows && beta) ? beta[i0 + r] : A(0);
+    rsc[r] = (r < rows && row_scale) ? row_scale[i0 + r] : A(1);
   }
   int64_t k0 = 0;
   for (; k0 + kVec <= len; k0 += kVec) {
@@ -161,14 +216,14 @@ inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = out + (i0 + r) * d + d0 + k0;
 #pragma omp simd
-      for (int64_t v = 0; v < kVec; ++v) dst[v] = store_as<T>(acc[r][v]);
+      for (int64_t v = 0; v < kVec; ++v) dst[v] = store_as<T>(acc[r][v] * rsc[r]);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {  // columns past the last full kVec block
     for (int64_t k = k0; k < len; ++k) {
       A o = bet[r] * sign(xr[r][k]);
       for (int64_t j = 0; j < n; ++j) o += ab[(i0 + r) * n + j] * tile[j * row_stride + k];
-      out[(i0 + r) * d + d0 + k] = store_as<T>(o);
+      out[(i0 + r) * d + d0 + k] = store_as<T>(o * rsc[r]);
     }
   }
 }
@@ -184,10 +239,11 @@ bool off_diagonal_zero(const A* a, int64_t n) {
 // scale (nullable) is the per-input factor of the fused backward, scale[b * scale_stride]. It is folded
 // into a per-task copy of the coefficients, (s A_b, s beta_b), so dX is bit for bit the unscaled kernel
 // on the coefficients the unfused a * s, beta * s would give (NaN / Inf scales included), and the
-// off-diagonal test below still sees exact zeros.
+// off-diagonal test below still sees exact zeros. row_scale (nullable, [B, n]) multiplies row i of the
+// result: gram_loss's scales of rows whose coefficients are not representable unscaled (head_math.h).
 template <typename T>
 void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor* beta, const at::Tensor* scale,
-                     at::Tensor& dx) {
+                     const at::Tensor* row_scale, at::Tensor& dx) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
   const auto rows = rows_of<T>(x);
@@ -195,6 +251,7 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
   const A* beta_in = beta ? beta->const_data_ptr<A>() : nullptr;
   const A* scale_in = scale ? scale->const_data_ptr<A>() : nullptr;
   const int64_t scale_stride = scale ? scale->stride(0) : 0;
+  const A* row_scale_in = row_scale ? row_scale->const_data_ptr<A>() : nullptr;
   T* out = dx.data_ptr<T>();
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
@@ -202,6 +259,7 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
     for (int64_t b = begin; b < end; ++b) {
       const A* ab = a_in + b * n * n;
       const A* bb = beta_in ? beta_in + b * n : nullptr;
+      const A* rs = row_scale_in ? row_scale_in + b * n : nullptr;
       if (scale_in) {
         const A s = scale_in[b * scale_stride];
         for (int64_t i = 0; i < n * n; ++i) a_scaled[i] = ab[i] * s;
@@ -214,12 +272,12 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
       if (off_diagonal_zero(ab, n)) {  // e.g. Omega_S: O(n D) instead of O(n^2 D)
         for (int64_t i = 0; i < n; ++i) {
           const T* xi = rows.row(b, i);
-          const A aii = ab[i * n + i], bi = bb ? bb[i] : A(0);
+          const A aii = ab[i * n + i], bi = bb ? bb[i] : A(0), si = rs ? rs[i] : A(1);
           T* dst = out + (b * n + i) * d;
 #pragma omp simd
           for (int64_t k = 0; k < d; ++k) {
             const A v = load_as<A>(xi[k]);
-            dst[k] = store_as<T>(aii * v + bi * sign(v));
+            dst[k] = store_as<T>((aii * v + bi * sign(v)) * si);
           }
         }
         continue;
@@ -229,15 +287,22 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
         int64_t row_stride;
         const A* base = tile_rows(rows, b, n, d0, len, tile.data(), &row_stride);
         for (int64_t i0 = 0; i0 < n; i0 += kRows)
-          pullback_rows(base, row_stride, len, n, i0, ab, bb, out + b * n * d, d, d0);
+          pullback_rows(base, row_stride, len, n, i0, ab, bb, rs, out + b * n * d, d, d0);
       }
     }
   });
 }
 
+// The inverse norms 1 / ||x_i|| of the unscaled rows (the weights of column_resultant) from the Gram of
+// the rows scaled by scale: s_i / ||y_i||, in double, whose range holds them for every fp32 input.
+inline void unscaled_inverse_norms(const double* S, int64_t n, double eps, const double* scale, double* inv_r) {
+  heads::inverse_norms(S, n, eps, scale, inv_r);
+  for (int64_t i = 0; i < n; ++i) inv_r[i] *= scale[i];
+}
+
 template <typename T>
 void gram_loss_kernel(const at::Tensor& x, heads::Head head, const heads::Params& prm, at::Tensor& loss,
-                      at::Tensor& a, at::Tensor& beta) {
+                      at::Tensor& a, at::Tensor& beta, at::Tensor& row_scale) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), n = x.size(1), d = x.size(2);
   const auto rows = rows_of<T>(x);
@@ -245,23 +310,28 @@ void gram_loss_kernel(const at::Tensor& x, heads::Head head, const heads::Params
   A* loss_out = loss.data_ptr<A>();
   A* a_out = a.data_ptr<A>();
   A* beta_out = beta.numel() ? beta.data_ptr<A>() : nullptr;
+  A* scale_out = row_scale.data_ptr<A>();
   const bool with_resultant = heads::needs_resultant(head);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(heads::workspace(n)), inv_r(n), m(kTile);
+    std::vector<double> S(n * n), L1(n), Ab(n * n), betab(n), work(heads::workspace(n)), inv_r(n), m(kTile),
+        scale(n);
     for (int64_t b = begin; b < end; ++b) {
       // Omega_S reads only the row norms and l1 norms; its pullback matrix is diagonal
       gram_one(rows, b, n, d, tile.data(), S.data(), with_l1 ? L1.data() : nullptr, with_l1);
+      if (row_scales(rows, b, n, d, S.data(), scale.data()))
+        scaled_gram(rows, b, n, d, scale.data(), S.data(), with_l1 ? L1.data() : nullptr, with_l1);
       double resultant = 0;
       if (with_resultant) {
-        heads::inverse_norms(S.data(), n, prm.eps, inv_r.data());
+        unscaled_inverse_norms(S.data(), n, prm.eps, scale.data(), inv_r.data());
         resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), 0.0, nullptr);
       }
-      loss_out[b] = static_cast<A>(heads::head_forward(head, S.data(), L1.data(), resultant, n, d, prm, Ab.data(),
-                                                       betab.data(), work.data()));
+      loss_out[b] = static_cast<A>(heads::head_forward(head, S.data(), L1.data(), resultant, n, d, prm,
+                                                       scale.data(), Ab.data(), betab.data(), work.data()));
       for (int64_t i = 0; i < n * n; ++i) a_out[b * n * n + i] = static_cast<A>(Ab[i]);
       if (beta_out)
         for (int64_t i = 0; i < n; ++i) beta_out[b * n + i] = static_cast<A>(betab[i]);
+      for (int64_t i = 0; i < n; ++i) scale_out[b * n + i] = static_cast<A>(scale[i]);
     }
   });
 }
@@ -276,13 +346,15 @@ void stats_kernel(const at::Tensor& x, double q, const heads::Params& prm, at::T
   A* o = out.data_ptr<A>();
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<A> tile(n * kTile);
-    std::vector<double> S(n * n), inv_r(n), stats(5), work(heads::workspace(n)), m(kTile);
+    std::vector<double> S(n * n), inv_r(n), stats(5), work(heads::workspace(n)), m(kTile), scale(n);
     for (int64_t b = begin; b < end; ++b) {
       gram_one(rows, b, n, d, tile.data(), S.data(), nullptr);
-      heads::inverse_norms(S.data(), n, prm.eps, inv_r.data());
+      if (row_scales(rows, b, n, d, S.data(), scale.data()))
+        scaled_gram(rows, b, n, d, scale.data(), S.data(), nullptr, false);
+      unscaled_inverse_norms(S.data(), n, prm.eps, scale.data(), inv_r.data());
       double rho_q = 0;
       const double resultant = column_resultant(rows, b, n, d, tile.data(), m.data(), inv_r.data(), q, &rho_q);
-      heads::gram_statistics(S.data(), resultant, n, d, prm, stats.data(), work.data());
+      heads::gram_statistics(S.data(), resultant, n, d, prm, scale.data(), stats.data(), work.data());
       const double row[6] = {stats[0], rho_q, stats[1], stats[2], stats[3], stats[4]};
       for (int64_t k = 0; k < 6; ++k) o[b * 6 + k] = static_cast<A>(row[k]);
     }
@@ -298,22 +370,24 @@ std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
 }
 
 at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
-                         const std::optional<at::Tensor>& scale) {
-  GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, at::kCPU);
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& row_scale) {
+  GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, row_scale, at::kCPU);
   FASTDIV_DISPATCH(x, "fastdiv::gram_pullback", [&] {
-    pullback_kernel<scalar_t>(x, args.a, args.beta.defined() ? &args.beta : nullptr, args.scale, args.dx);
+    pullback_kernel<scalar_t>(x, args.a, args.beta.defined() ? &args.beta : nullptr, args.scale,
+                              args.row_scale.defined() ? &args.row_scale : nullptr, args.dx);
   });
   return args.dx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
-                                                         double eps, double jitter, double p,
-                                                         double rho_max) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
+                                                                     double eps, double jitter, double p,
+                                                                     double rho_max) {
   const heads::Head h = parse_head(head);
-  auto [loss, a, beta] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCPU);
+  auto [loss, a, beta, row_scale] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCPU);
   const heads::Params prm{eps, jitter, p, rho_max};
-  FASTDIV_DISPATCH(x, "fastdiv::gram_loss", [&] { gram_loss_kernel<scalar_t>(x, h, prm, loss, a, beta); });
-  return {loss, a, beta};
+  FASTDIV_DISPATCH(x, "fastdiv::gram_loss",
+                   [&] { gram_loss_kernel<scalar_t>(x, h, prm, loss, a, beta, row_scale); });
+  return {loss, a, beta, row_scale};
 }
 
 at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {

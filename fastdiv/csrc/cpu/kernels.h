@@ -14,17 +14,20 @@ namespace fastdiv::cpu {
 // Raw Gram S = X X^T [B, n, n] (acc) and, when with_l1, row l1 norms [B, n] (acc; else [B, 0]).
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1);
 
-// dX_b = scale_b (A_b X_b + beta_b ⊙ sign(X_b)) for A [B, n, n], beta [B, n] and scale [B] (acc; scale
-// may have any stride, e.g. 0 for an expanded gradient; absent means 1); dX has x's dtype. The scale lets
-// a loss's backward pass its upstream gradient straight in instead of launching a * g, beta * g first.
+// dX_bi = scale_b row_scale_bi (A_b X_b + beta_b ⊙ sign(X_b))_i for A [B, n, n], beta [B, n], scale [B]
+// and row_scale [B, n] (acc; scale may have any stride, e.g. 0 for an expanded gradient; absent scales
+// mean 1); dX has x's dtype. The scale lets a loss's backward pass its upstream gradient straight in
+// instead of launching a * g, beta * g first; row_scale is gram_loss's fourth output.
 at::Tensor gram_pullback(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
-                         const std::optional<at::Tensor>& scale = std::nullopt);
+                         const std::optional<at::Tensor>& scale = std::nullopt,
+                         const std::optional<at::Tensor>& row_scale = std::nullopt);
 
-// Per-input loss [B] of a Gram head plus its pullback coefficients A [B, n, n] and beta [B, n]
-// (beta is [B, 0] for heads without an l1 term).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
-                                                         double eps, double jitter, double p,
-                                                         double rho_max);
+// Per-input loss [B] of a Gram head plus its pullback coefficients A [B, n, n], beta [B, n] (beta is
+// [B, 0] for heads without an l1 term) and the row scales [B, n] the pullback multiplies its rows by:
+// 1 except for rows whose squares leave the accumulation dtype's range (head_math.h, "Row scaling").
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss(const at::Tensor& x, const std::string& head,
+                                                                     double eps, double jitter, double p,
+                                                                     double rho_max);
 
 // [B, 6] acc: rho, rho_q, kappa, mean cosine, coherence, dpp.
 at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double jitter, double rho_max);

@@ -1,6 +1,11 @@
 // Kernels on unit rows u_i = x_i / r_i, r_i = max(||x_i||, eps): normalization and the per-column
 // statistics behind the Diverse-Directions variance penalties (docs/design.md §2.5).
 //
+// Norms are summed in the accumulation dtype, which squares overflow (fp32: |x| ~ 1e19) or flush to 0
+// (|x| ~ 1e-23) for finite rows. A row whose sum of squares is out of range (head_math.h, "Row
+// scaling") takes the rare path: its norm again from y = s x, s the power of two of row_scale, and u
+// from y, so every finite row gets its unit direction; the other rows keep their results bit for bit.
+//
 // Pullbacks share one rule. With G = dL/du, the derivative through the normalization is
 // dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i for rows above the norm floor; rows at or below it have no
 // direction (u_i = 0) and get zero gradient. Each kernel first reduces <G_i, u_i> over a batch element's slab and then writes
@@ -8,8 +13,10 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "head_math.h"
 #include "kernels.h"
 #include "tile.h"
 
@@ -18,13 +25,46 @@ namespace {
 
 struct RowNorm {
   double norm;   // ||x||
-  double inv_r;  // 1 / ||x|| above the norm floor, 0 at or below it
+  double inv_r;  // 1 / ||y|| above the norm floor, 0 at or below it, for y = scale x
+  double scale;  // 1, or the power of two of a row whose squares leave the accumulation range
 };
 
 inline RowNorm row_norm(double sumsq, double eps) {
   const double norm = std::sqrt(sumsq);
   // NaN rows keep a NaN scale so the NaN reaches the output.
-  return {norm, std::isnan(norm) ? norm : (norm > eps ? 1.0 / norm : 0.0)};
+  return {norm, std::isnan(norm) ? norm : (norm > eps ? 1.0 / norm : 0.0), 1.0};
+}
+
+template <typename T>
+constexpr bool kWide = std::is_same_v<acc_t<T>, double>;
+
+// The rare path: the row's largest |x_k|, its scale s (head_math.h's row_scale), and ||y||^2 of y = s x
+// summed in double (every (x s)^2 is at most 16); with grad, also <grad, y> in double. The floor compares
+// ||x|| = ||y|| / s with eps as ||y|| with eps s.
+template <typename T>
+RowNorm scaled_row_norm(const T* row, int64_t d, double eps, const T* grad = nullptr, double* grad_dot = nullptr) {
+  using A = acc_t<T>;
+  double m = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double a = std::abs(static_cast<double>(load_as<A>(row[k])));
+    m = (a > m || a != a) ? a : m;  // a NaN sticks
+  }
+  const double s = heads::row_scale(m, kWide<T>);
+  double ss = 0, gy = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double y = static_cast<double>(load_as<A>(row[k])) * s;
+    ss += y * y;
+    if (grad) gy += static_cast<double>(load_as<A>(grad[k])) * y;
+  }
+  if (grad_dot) *grad_dot = gy;
+  const double norm_y = std::sqrt(ss);
+  return {norm_y / s, std::isnan(norm_y) ? norm_y : (norm_y > eps * s ? 1.0 / norm_y : 0.0), s};
+}
+
+// row_norm of the sum of squares accumulated unscaled, or the rare path where it is out of range.
+template <typename T>
+RowNorm checked_row_norm(double sumsq, const T* row, int64_t d, double eps) {
+  return heads::square_out_of_range(sumsq, d, kWide<T>) ? scaled_row_norm(row, d, eps) : row_norm(sumsq, eps);
 }
 
 // The same from a stored norm (r outputs hold ||x||, whatever the floor).
@@ -55,10 +95,16 @@ void normalize_kernel(const at::Tensor& x, double eps, at::Tensor& u) {
     std::vector<A> tile(kTile);
     for (int64_t row = begin; row < end; ++row) {
       const T* src = rows.row(row / n, row % n);
-      const A inv_r = static_cast<A>(row_norm(row_sumsq(src, d, tile.data()), eps).inv_r);
+      const RowNorm rn = checked_row_norm(row_sumsq(src, d, tile.data()), src, d, eps);
+      const A inv_r = static_cast<A>(rn.inv_r);
       T* dst = out + row * d;
+      if (rn.scale == 1.0) {
 #pragma omp simd
-      for (int64_t k = 0; k < d; ++k) dst[k] = store_as<T>(load_as<A>(src[k]) * inv_r);
+        for (int64_t k = 0; k < d; ++k) dst[k] = store_as<T>(load_as<A>(src[k]) * inv_r);
+      } else {  // u = (s x) / ||s x||: 1 / ||x|| itself may not be representable
+        const A sc = static_cast<A>(rn.scale);
+        for (int64_t k = 0; k < d; ++k) dst[k] = store_as<T>((load_as<A>(src[k]) * sc) * inv_r);
+      }
     }
   });
 }
@@ -82,14 +128,22 @@ void normalize_pullback_kernel(const at::Tensor& x, const at::Tensor& g, double 
         sumsq += static_cast<double>(dot(xt.data(), xt.data(), len));
         gx += static_cast<double>(dot(gt.data(), xt.data(), len));
       }
-      const RowNorm rn = row_norm(sumsq, eps);
+      // the rare path also when <G, x> overflowed (finite G and x, NaN stays NaN either way)
+      const bool rare = heads::square_out_of_range(sumsq, d, kWide<T>) || std::isinf(gx);
+      const RowNorm rn = rare ? scaled_row_norm(xr, d, eps, gr, &gx) : row_norm(sumsq, eps);
       const A inv_r = static_cast<A>(rn.inv_r);
-      // <G, u> u / r = <G, x> x / r^3
+      // <G, u> u / r = <G, x> x / r^3 (with y = s x: <G, y> y / ||y||^2, times s / ||y||)
       const A proj = static_cast<A>(gx * rn.inv_r * rn.inv_r);
       T* dst = out + row * d;
+      if (rn.scale == 1.0) {
 #pragma omp simd
-      for (int64_t k = 0; k < d; ++k)
-        dst[k] = store_as<T>((load_as<A>(gr[k]) - proj * load_as<A>(xr[k])) * inv_r);
+        for (int64_t k = 0; k < d; ++k)
+          dst[k] = store_as<T>((load_as<A>(gr[k]) - proj * load_as<A>(xr[k])) * inv_r);
+      } else {
+        const A sc = static_cast<A>(rn.scale);
+        for (int64_t k = 0; k < d; ++k)
+          dst[k] = store_as<T>(((load_as<A>(gr[k]) - proj * (load_as<A>(xr[k]) * sc)) * inv_r) * sc);
+      }
     }
   });
 }
@@ -104,16 +158,24 @@ void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Ten
   A* v_out = var.data_ptr<A>();
   const A inv_n = A(1) / static_cast<A>(n);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
-    std::vector<A> tile(n * kTile), inv_r(n);
+    std::vector<A> tile(n * kTile), inv_r(n), scale(n);
     for (int64_t b = begin; b < end; ++b) {
+      bool scaled = false;
       for (int64_t i = 0; i < n; ++i) {
-        const RowNorm rn = row_norm(row_sumsq(rows.row(b, i), d, tile.data()), eps);
+        const T* xi = rows.row(b, i);
+        const RowNorm rn = checked_row_norm(row_sumsq(xi, d, tile.data()), xi, d, eps);
         inv_r[i] = static_cast<A>(rn.inv_r);
+        scale[i] = static_cast<A>(rn.scale);
+        scaled |= rn.scale != 1.0;
         r_out[b * n + i] = static_cast<A>(rn.norm);
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
         load_tile(rows, b, n, d0, len, tile.data());
+        if (scaled)  // the tile holds y = s x of the scaled rows (exact: s is a power of two)
+          for (int64_t i = 0; i < n; ++i)
+            if (scale[i] != A(1))
+              for (int64_t k = 0; k < len; ++k) tile[i * len + k] *= scale[i];
         A* m = m_out + b * d + d0;
         A* v = v_out + b * d + d0;
         for (int64_t k = 0; k < len; ++k) m[k] = 0, v[k] = 0;
@@ -157,7 +219,7 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
   const A inv_n = A(1) / static_cast<A>(n);
   const A eps_a = static_cast<A>(eps);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
-    std::vector<A> tile(n * kTile), alpha(kTile), beta(kTile);
+    std::vector<A> tile(n * kTile), alpha(kTile), beta(kTile), inv_r(n), scale(n);
     std::vector<double> c(n);
     // alpha and beta for columns [d0, d0 + len) of batch element b.
     auto column_coefficients = [&](int64_t b, int64_t d0, int64_t len) {
@@ -177,17 +239,38 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
     for (int64_t b = begin; b < end; ++b) {
       const A* rb = r_in + b * n;
       std::fill(c.begin(), c.end(), 0.0);
+      // 1 / r_i from the stored norms; a norm out of range (1 / r not a normal number, or r = Inf for a
+      // finite row whose norm passed the dtype's maximum) is taken again from the row, scaled.
+      for (int64_t i = 0; i < n; ++i) {
+        const double r = static_cast<double>(rb[i]);
+        if (heads::square_out_of_range(r * r, 1, kWide<T>)) {
+          const RowNorm rn = scaled_row_norm(rows.row(b, i), d, eps);
+          inv_r[i] = static_cast<A>(rn.inv_r);
+          scale[i] = static_cast<A>(rn.scale);
+        } else {
+          inv_r[i] = inverse_norm(rb[i], eps_a);
+          scale[i] = A(1);
+        }
+      }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 1: c_i = <G_i, u_i>
         const int64_t len = std::min(kTile, d - d0);
         load_tile(rows, b, n, d0, len, tile.data());
         column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
-          const A inv_r = inverse_norm(rb[i], eps_a);
+          const A ir = inv_r[i], sc = scale[i];
           A s = 0;
+          if (sc == A(1)) {
 #pragma omp simd reduction(+ : s)
-          for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * inv_r) * xi[k];
-          c[i] += static_cast<double>(s) * static_cast<double>(inv_r);
+            for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * ir) * xi[k];
+            c[i] += static_cast<double>(s) * static_cast<double>(ir);
+          } else {  // u = (s x) / ||s x||
+            for (int64_t k = 0; k < len; ++k) {
+              const A u = (xi[k] * sc) * ir;
+              s += (alpha[k] + beta[k] * u) * u;
+            }
+            c[i] += static_cast<double>(s);
+          }
         }
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 2: write dX
@@ -196,15 +279,23 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
         column_coefficients(b, d0, len);
         for (int64_t i = 0; i < n; ++i) {
           const A* xi = tile.data() + i * len;
-          const A inv_r = inverse_norm(rb[i], eps_a);  // 0 below the floor: the whole row gets 0
-          // (G - c u) / r + g_r u with u = x / r; the x terms share one coefficient.
-          const A cu = static_cast<A>(c[i]) * inv_r;
+          const A ir = inv_r[i], sc = scale[i];  // ir = 0 below the floor: the whole row gets 0
           const A gr = gr_in ? gr_in[b * n + i] : A(0);
-          const A x_coef = (gr - cu) * inv_r;
           T* dst = out + (b * n + i) * d + d0;
+          if (sc == A(1)) {
+            // (G - c u) / r + g_r u with u = x / r; the x terms share one coefficient.
+            const A cu = static_cast<A>(c[i]) * ir;
+            const A x_coef = (gr - cu) * ir;
 #pragma omp simd
-          for (int64_t k = 0; k < len; ++k)
-            dst[k] = store_as<T>((alpha[k] + beta[k] * xi[k] * inv_r) * inv_r + x_coef * xi[k]);
+            for (int64_t k = 0; k < len; ++k)
+              dst[k] = store_as<T>((alpha[k] + beta[k] * xi[k] * ir) * ir + x_coef * xi[k]);
+          } else {  // 1 / r = s / ||y||, applied last: s / ||y|| may not be representable
+            const A ci = static_cast<A>(c[i]);
+            for (int64_t k = 0; k < len; ++k) {
+              const A u = (xi[k] * sc) * ir;
+              dst[k] = store_as<T>(((alpha[k] + beta[k] * u - ci * u) * ir) * sc + gr * u);
+            }
+          }
         }
       }
     }

@@ -54,7 +54,7 @@ namespace fastdiv::emu {
 
 struct Block {
   explicit Block(unsigned threads, size_t smem_bytes)
-      : sync(threads), smem(smem_bytes, static_cast<unsigned char>(0xFF)) {
+      : sync(threads), votes{0, 0, 0}, smem(smem_bytes, static_cast<unsigned char>(0xFF)) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
       const unsigned lanes = std::min(32u, threads - 32 * w);
       warp_sync.push_back(std::make_unique<std::barrier<>>(lanes));
@@ -62,6 +62,8 @@ struct Block {
     exchange.resize(warp_sync.size() * 32);
   }
   std::barrier<> sync;
+  // __syncthreads_or: call k of the block votes in votes[k % 3] (see syncthreads_or)
+  std::atomic<int> votes[3];
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
   std::vector<uint64_t> exchange;  // one 8-byte slot per lane
   std::vector<unsigned char> smem;
@@ -71,6 +73,7 @@ struct Thread {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
   Block* block = nullptr;
+  unsigned votes = 0;  // __syncthreads_or calls of this thread in the current block
   unsigned linear() const {
     return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
   }
@@ -79,6 +82,19 @@ struct Thread {
 inline thread_local Thread self;
 
 inline void sync_block() { self.block->sync.arrive_and_wait(); }
+
+// __syncthreads_or: a barrier that returns whether pred was non-zero in any thread of the block. Call k
+// uses votes[k % 3]; before arriving, thread 0 clears votes[(k + 1) % 3], last read in call k - 2 (every
+// thread has passed call k - 1's barrier since, so it is done reading) and next written in call k + 1
+// (by threads past this call's barrier, so after the clearing).
+inline int syncthreads_or(int pred) {
+  Block& b = *self.block;
+  const unsigned k = self.votes++;
+  if (self.linear() == 0) b.votes[(k + 1) % 3].store(0);
+  if (pred) b.votes[k % 3].store(1);
+  b.sync.arrive_and_wait();
+  return b.votes[k % 3].load();
+}
 
 inline unsigned char* dynamic_smem() { return self.block->smem.data(); }
 
@@ -181,6 +197,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Body body) {
         Block blk(threads, smem_bytes);
         workers().run(threads, [&](unsigned t) {
           self.block = &blk;
+          self.votes = 0;
           self.block_dim = block;
           self.grid_dim = grid;
           self.block_idx = uint3{bx, by, bz};
@@ -197,6 +214,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Body body) {
 #define blockDim (::fastdiv::emu::self.block_dim)
 #define gridDim (::fastdiv::emu::self.grid_dim)
 #define __syncthreads() ::fastdiv::emu::sync_block()
+#define __syncthreads_or(pred) ::fastdiv::emu::syncthreads_or(pred)
 #define __shfl_xor_sync(mask, value, lane_mask) ::fastdiv::emu::shfl_xor((value), (lane_mask))
 #define __shfl_down_sync(mask, value, delta) ::fastdiv::emu::shfl_down((value), (delta))
 

@@ -20,6 +20,12 @@
 // launches per chunk of inputs: the Gram into a double workspace, then one block per input for the
 // resultant and the head.
 //
+// Row scaling (fastdiv/csrc/head_math.h): when a diagonal entry of an input's Gram is out of range (its
+// squares over- or underflowed), the epilogue's block reads the rows again for their maxima and, where a
+// row needs a scale, accumulates the whole Gram again in double from the scaled rows (a slow path, one
+// thread per entry: only inputs with such rows take it). The head then gets the scales, its A
+// is A'_ij s_j and the scales go out as gram_loss's row_scale, which the pullback multiplies its rows by.
+//
 // Determinism: no atomics; every sum is taken in a fixed order (per-lane column order, then lanes in
 // thread order, or the fixed butterflies of block_reduce), so the same input gives the same bits.
 #include <math.h>
@@ -241,8 +247,8 @@ struct HeadJob {
 
 // Double-precision arrays of one input's epilogue, in shared memory (fused) or in the workspace.
 struct HeadArrays {
-  double *S, *l1, *A, *beta, *work, *inv_r, *scalars;  // scalars: loss / resultant / rho_q
-  static __host__ __device__ int64_t doubles(int64_t n) { return 6 * n * n + 7 * n + 4; }
+  double *S, *l1, *A, *beta, *work, *inv_r, *scale, *scalars;  // scalars: loss / resultant / rho_q / flag
+  static __host__ __device__ int64_t doubles(int64_t n) { return 6 * n * n + 8 * n + 4; }
   static __host__ __device__ HeadArrays at(double* base, int64_t n) {
     HeadArrays h;
     h.S = base;
@@ -251,22 +257,80 @@ struct HeadArrays {
     h.beta = h.A + n * n;
     h.work = h.beta + n;
     h.inv_r = h.work + heads::workspace(n);
-    h.scalars = h.inv_r + n;
+    h.scale = h.inv_r + n;
+    h.scalars = h.scale + n;
     return h;
   }
 };
 
-// Everything after the Gram, for one input whose raw Gram (and l1 norms) are in h: the resultant
-// pass, the head on thread 0, and the outputs written by the whole block. reduce_scratch: blockDim.x /
-// 32 + 1 doubles of shared memory.
+// Row scaling of one input whose raw Gram (and l1 norms) are in h: all scales 1 unless a diagonal entry
+// is suspect and a row's maximum then says it needs a scale; then every row is scaled, and the Gram (the diagonal
+// only with diagonal_only, the rest 0 as the CPU's diagonal-only Gram) and the l1 norms are accumulated
+// again, in double, from the scaled rows. The rare path: one thread per row maximum and per Gram entry
+// (each a plain loop over D, in a fixed order), no reductions. Called by every thread of the block.
+template <typename T>
+__device__ void scale_rows(const T* xb, int64_t stride_n, int64_t n, int64_t d, bool diagonal_only,
+                           const HeadArrays& h) {
+  constexpr bool wide = std::is_same_v<acc_t<T>, double>;
+  if (threadIdx.x == 0) {
+    bool suspect = false;
+    for (int64_t i = 0; i < n; ++i) suspect = suspect || heads::square_out_of_range(h.S[i * n + i], d, wide);
+    h.scalars[3] = suspect ? 1.0 : 0.0;
+  }
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) h.scale[i] = 1.0;
+  __syncthreads();
+  if (h.scalars[3] == 0.0) return;  // the same shared value in every thread: the whole block returns
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {  // the maxima, until the scales are needed
+    double m = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const double v = fabs(load_as<double>(xb[i * stride_n + k]));
+      m = (v > m || v != v) ? v : m;  // a NaN sticks
+    }
+    h.scale[i] = m;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    bool any = false;
+    for (int64_t i = 0; i < n; ++i) any = any || heads::needs_scale(h.scale[i], wide);
+    for (int64_t i = 0; i < n; ++i) h.scale[i] = any ? heads::row_scale(h.scale[i], wide) : 1.0;
+    h.scalars[3] = any ? 1.0 : 0.0;
+  }
+  __syncthreads();
+  if (h.scalars[3] == 0.0) return;
+  for (int64_t p = threadIdx.x; p < n * (n + 1) / 2; p += blockDim.x) {
+    int64_t i = 0, j = p;  // the p-th pair (i >= j), row by row
+    while (j > i) j -= ++i;
+    const T* xi = xb + i * stride_n;
+    const T* xj = xb + j * stride_n;
+    const double si = h.scale[i], sj = h.scale[j];
+    double acc = 0;
+    if (!diagonal_only || i == j)
+      for (int64_t k = 0; k < d; ++k) acc += (load_as<double>(xi[k]) * si) * (load_as<double>(xj[k]) * sj);
+    h.S[i * n + j] = h.S[j * n + i] = acc;
+    if (diagonal_only && i == j) {  // Omega_S: the l1 norms too
+      double l1 = 0;
+      for (int64_t k = 0; k < d; ++k) l1 += fabs(load_as<double>(xi[k]) * si);
+      h.l1[i] = l1;
+    }
+  }
+  __syncthreads();
+}
+
+// Everything after the Gram, for one input whose raw Gram (and l1 norms) are in h: the row scaling,
+// the resultant pass, the head on thread 0, and the outputs written by the whole block. reduce_scratch:
+// blockDim.x / 32 + 1 doubles of shared memory.
 template <typename T>
 __device__ void head_epilogue(const T* xb, int64_t stride_n, int64_t n, int64_t d, const HeadJob& job,
                               const HeadArrays& h, double* reduce_scratch, acc_t<T>* loss, acc_t<T>* a,
-                              acc_t<T>* beta, acc_t<T>* stats) {
+                              acc_t<T>* beta, acc_t<T>* row_scale, acc_t<T>* stats) {
   using A = acc_t<T>;
+  scale_rows(xb, stride_n, n, d, !job.stats && job.head == heads::Head::kSparsity, h);
   const bool with_resultant = job.stats || heads::needs_resultant(job.head);
   if (with_resultant) {
-    if (threadIdx.x == 0) heads::inverse_norms(h.S, n, job.prm.eps, h.inv_r);
+    if (threadIdx.x == 0) {  // the column sums weigh the unscaled rows by 1 / ||x_i|| = s_i / ||y_i||
+      heads::inverse_norms(h.S, n, job.prm.eps, h.scale, h.inv_r);
+      for (int64_t i = 0; i < n; ++i) h.inv_r[i] *= h.scale[i];
+    }
     __syncthreads();
     double rho_q = 0;
     const double resultant =
@@ -280,11 +344,12 @@ __device__ void head_epilogue(const T* xb, int64_t stride_n, int64_t n, int64_t 
     const double resultant = with_resultant ? h.scalars[1] : 0.0;
     if (job.stats) {
       double out[5];
-      heads::gram_statistics(h.S, resultant, n, d, job.prm, out, h.work);
+      heads::gram_statistics(h.S, resultant, n, d, job.prm, h.scale, out, h.work);
       const double row[6] = {out[0], h.scalars[2], out[1], out[2], out[3], out[4]};
       for (int k = 0; k < 6; ++k) stats[k] = static_cast<A>(row[k]);
     } else {
-      h.scalars[0] = heads::head_forward(job.head, h.S, h.l1, resultant, n, d, job.prm, h.A, h.beta, h.work);
+      h.scalars[0] =
+          heads::head_forward(job.head, h.S, h.l1, resultant, n, d, job.prm, h.scale, h.A, h.beta, h.work);
       *loss = static_cast<A>(h.scalars[0]);
     }
   }
@@ -293,6 +358,7 @@ __device__ void head_epilogue(const T* xb, int64_t stride_n, int64_t n, int64_t 
   for (int64_t i = threadIdx.x; i < n * n; i += blockDim.x) a[i] = static_cast<A>(h.A[i]);
   if (beta)
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) beta[i] = static_cast<A>(h.beta[i]);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) row_scale[i] = static_cast<A>(h.scale[i]);
 }
 
 // Shared-memory layout of a block that stages a tile and reduces into it (scratch), then holds an
@@ -319,7 +385,8 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxFusedThreads)
 fused_gram_head_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64_t d,
                                        HeadJob job, int tk, size_t head_offset, size_t reduce_offset,
-                                       acc_t<T>* loss, acc_t<T>* a, acc_t<T>* beta, acc_t<T>* stats) {
+                                       acc_t<T>* loss, acc_t<T>* a, acc_t<T>* beta, acc_t<T>* row_scale,
+                                       acc_t<T>* stats) {
   using A = acc_t<T>;
   FASTDIV_DYNAMIC_SMEM(smem);
   const int64_t b = blockIdx.x;
@@ -329,7 +396,8 @@ fused_gram_head_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n
   const bool with_l1 = !job.stats && job.head == heads::Head::kSparsity;
   super_pair_gram(xb, stride_n, n, d, 0, 0, with_l1, tk, reinterpret_cast<A*>(smem),
                   GramSink<double>{h.S, with_l1 ? h.l1 : nullptr, n});
-  head_epilogue(xb, stride_n, n, d, job, h, reduce_scratch, loss + b, a + b * n * n, beta ? beta + b * n : nullptr,
+  head_epilogue(xb, stride_n, n, d, job, h, reduce_scratch, loss ? loss + b : nullptr, a ? a + b * n * n : nullptr,
+                beta ? beta + b * n : nullptr, row_scale ? row_scale + b * n : nullptr,
                 stats ? stats + b * 6 : nullptr);
 }
 
@@ -353,25 +421,30 @@ gram_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64_t d
 template <typename T>
 __global__ void __launch_bounds__(kHeadThreads)
 head_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64_t d, HeadJob job,
-                            double* workspace, acc_t<T>* loss, acc_t<T>* a, acc_t<T>* beta, acc_t<T>* stats) {
+                            double* workspace, acc_t<T>* loss, acc_t<T>* a, acc_t<T>* beta, acc_t<T>* row_scale,
+                            acc_t<T>* stats) {
   __shared__ double reduce_scratch[kHeadThreads / kWarp + 1];
   const int64_t b = blockIdx.x;
   const HeadArrays h = HeadArrays::at(workspace + b * HeadArrays::doubles(n), n);
   head_epilogue(x + b * stride_b, stride_n, n, d, job, h, reduce_scratch, loss ? loss + b : nullptr,
-                a ? a + b * n * n : nullptr, beta ? beta + b * n : nullptr, stats ? stats + b * 6 : nullptr);
+                a ? a + b * n * n : nullptr, beta ? beta + b * n : nullptr,
+                row_scale ? row_scale + b * n : nullptr, stats ? stats + b * 6 : nullptr);
 }
 
 // dX = scale (A X + beta ⊙ sign(X)): one thread per column of one input (grid.x = B * column blocks),
 // the output rows in register chunks of CH. The block stages the scaled coefficients of a chunk, kJ
 // columns of A at a time, in shared memory transposed ([j][c]), so every FMA reads its coefficient at a
-// fixed offset from one base register (indexing A in global memory by row cost ~250 registers).
+// fixed offset from one base register (indexing A in global memory by row cost ~250 registers). Row i
+// of the result is multiplied by row_scale[b, i] (null: 1), gram_loss's scale of that row.
 template <typename T, int CH>
 __global__ void __launch_bounds__(kPullbackThreads)
 pullback_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64_t d, int64_t column_blocks,
-                const acc_t<T>* a, const acc_t<T>* beta, const acc_t<T>* scale, int64_t scale_stride, T* dx) {
+                const acc_t<T>* a, const acc_t<T>* beta, const acc_t<T>* scale, int64_t scale_stride,
+                const acc_t<T>* row_scale, T* dx) {
   using A = acc_t<T>;
   __shared__ A coef[kPullbackJ * CH];
   __shared__ A beta_chunk[CH];
+  __shared__ A rows_scale[CH];
   const int64_t b = blockIdx.x / column_blocks;
   const int64_t k = (blockIdx.x % column_blocks) * blockDim.x + threadIdx.x;
   const bool active = k < d;  // no early return: every thread takes part in the staging barriers
@@ -384,6 +457,7 @@ pullback_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64
     if (threadIdx.x < CH) {
       const int c = static_cast<int>(threadIdx.x);
       beta_chunk[c] = (beta && c < rows) ? s * beta[b * n + i0 + c] : A(0);
+      rows_scale[c] = (row_scale && c < rows) ? row_scale[b * n + i0 + c] : A(1);
     }
     __syncthreads();
     A acc[CH];
@@ -410,8 +484,8 @@ pullback_kernel(const T* x, int64_t stride_b, int64_t stride_n, int64_t n, int64
     if (active)
 #pragma unroll
       for (int c = 0; c < CH; ++c)
-        if (c < rows) out[(i0 + c) * d] = store_as<T>(acc[c]);
-    __syncthreads();  // beta_chunk is rewritten by the next chunk
+        if (c < rows) out[(i0 + c) * d] = store_as<T>(acc[c] * rows_scale[c]);
+    __syncthreads();  // beta_chunk and rows_scale are rewritten by the next chunk
   }
 }
 
@@ -456,7 +530,7 @@ int64_t chunk_inputs(int64_t batch, int64_t n) {
 // gram_loss and concentration_stats: fused for n <= 32, else Gram + head kernel per chunk of inputs.
 template <typename T>
 cudaError_t launch_head(const RowsView& x, const HeadJob& job, acc_t<T>* loss, acc_t<T>* a, acc_t<T>* beta,
-                        acc_t<T>* stats, void* workspace, cudaStream_t stream) {
+                        acc_t<T>* row_scale, acc_t<T>* stats, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t B = x.batch, n = x.n;
   if (n <= kMaxFusedSamples) {
@@ -468,7 +542,7 @@ cudaError_t launch_head(const RowsView& x, const HeadJob& job, acc_t<T>* loss, a
     if (cudaError_t err = allow_shared(kernel, layout.total); err != cudaSuccess) return err;
     FASTDIV_LAUNCH(kernel, dim3(static_cast<unsigned>(B)), dim3(threads), layout.total, stream, rows_of<T>(x),
                    x.stride_b, x.stride_n, n, x.d, job, tk, layout.head_offset, layout.reduce_offset, loss, a, beta,
-                   stats);
+                   row_scale, stats);
     return FASTDIV_LAST_ERROR();
   }
   double* ws = static_cast<double*>(workspace);
@@ -484,7 +558,7 @@ cudaError_t launch_head(const RowsView& x, const HeadJob& job, acc_t<T>* loss, a
     FASTDIV_LAUNCH(head_kernel<T>, dim3(static_cast<unsigned>(count)), dim3(kHeadThreads), 0, stream,
                    rows_of<T>(x) + b0 * x.stride_b, x.stride_b, x.stride_n, n, x.d, job, ws,
                    loss ? loss + b0 : nullptr, a ? a + b0 * n * n : nullptr, beta ? beta + b0 * n : nullptr,
-                   stats ? stats + b0 * 6 : nullptr);
+                   row_scale ? row_scale + b0 * n : nullptr, stats ? stats + b0 * 6 : nullptr);
     if ((err = FASTDIV_LAST_ERROR()) != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -493,7 +567,7 @@ cudaError_t launch_head(const RowsView& x, const HeadJob& job, acc_t<T>* loss, a
 // Output rows per register chunk of the pullback: n rounded up to 8, 16 or 32 (32 for larger n).
 template <typename T>
 cudaError_t launch_pullback(const RowsView& x, const void* a, const void* beta, const void* scale,
-                            int64_t scale_stride, void* dx, cudaStream_t stream) {
+                            int64_t scale_stride, const void* row_scale, void* dx, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t column_blocks = ceil_div(x.d, kPullbackThreads);
   const int64_t blocks = x.batch * column_blocks;
@@ -501,7 +575,8 @@ cudaError_t launch_pullback(const RowsView& x, const void* a, const void* beta, 
   const auto run = [&](auto kernel) {
     FASTDIV_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kPullbackThreads), 0, stream, rows_of<T>(x),
                    x.stride_b, x.stride_n, x.n, x.d, column_blocks, static_cast<const A*>(a),
-                   static_cast<const A*>(beta), static_cast<const A*>(scale), scale_stride, static_cast<T*>(dx));
+                   static_cast<const A*>(beta), static_cast<const A*>(scale), scale_stride,
+                   static_cast<const A*>(row_scale), static_cast<T*>(dx));
     return FASTDIV_LAST_ERROR();
   };
   if (x.n <= 8) return run(pullback_kernel<T, 8>);
@@ -528,14 +603,14 @@ size_t gram_workspace_bytes(int64_t batch, int64_t n) {
 }
 
 cudaError_t gram_loss(const RowsView& x, heads::Head head, const heads::Params& prm, void* loss, void* a,
-                      void* beta, void* workspace, cudaStream_t stream) {
+                      void* beta, void* row_scale, void* workspace, cudaStream_t stream) {
   if (x.batch == 0) return cudaSuccess;
   const HeadJob job{false, head, prm, 0.0};
   return FASTDIV_CUDA_DISPATCH(x.dtype, [&] {
     using A = acc_t<scalar_t>;
     return launch_head<scalar_t>(x, job, static_cast<A*>(loss), static_cast<A*>(a),
-                                 head == heads::Head::kSparsity ? static_cast<A*>(beta) : nullptr, nullptr,
-                                 workspace, stream);
+                                 head == heads::Head::kSparsity ? static_cast<A*>(beta) : nullptr,
+                                 static_cast<A*>(row_scale), nullptr, workspace, stream);
   });
 }
 
@@ -545,15 +620,17 @@ cudaError_t concentration_stats(const RowsView& x, double q, const heads::Params
   const HeadJob job{true, heads::Head::kDpp, prm, q};
   return FASTDIV_CUDA_DISPATCH(x.dtype, [&] {
     using A = acc_t<scalar_t>;
-    return launch_head<scalar_t>(x, job, nullptr, nullptr, nullptr, static_cast<A*>(out), workspace, stream);
+    return launch_head<scalar_t>(x, job, nullptr, nullptr, nullptr, nullptr, static_cast<A*>(out), workspace,
+                                 stream);
   });
 }
 
 cudaError_t gram_pullback(const RowsView& x, const void* a, const void* beta, const void* scale,
-                          int64_t scale_stride, void* dx, cudaStream_t stream) {
+                          int64_t scale_stride, const void* row_scale, void* dx, cudaStream_t stream) {
   if (empty_batch(x) || x.d == 0) return cudaSuccess;
-  return FASTDIV_CUDA_DISPATCH(x.dtype,
-                               [&] { return launch_pullback<scalar_t>(x, a, beta, scale, scale_stride, dx, stream); });
+  return FASTDIV_CUDA_DISPATCH(x.dtype, [&] {
+    return launch_pullback<scalar_t>(x, a, beta, scale, scale_stride, row_scale, dx, stream);
+  });
 }
 
 }  // namespace fastdiv::cuda

@@ -23,19 +23,22 @@ cudaError_t gram(const RowsView& x, void* s, void* l1, cudaStream_t stream);
 // double-precision Gram, head coefficients and head scratch of a chunk of inputs.
 size_t gram_workspace_bytes(int64_t batch, int64_t n);
 
-// Per-input loss [B], pullback coefficients A [B, n, n] and, for Head::kSparsity, beta [B, n] (beta may
-// be null for the other heads). workspace: gram_workspace_bytes(B, n) bytes (may be null when 0).
+// Per-input loss [B], pullback coefficients A [B, n, n], for Head::kSparsity beta [B, n] (beta may be null
+// for the other heads), and the row scales [B, n] the pullback multiplies its rows by (1 except for rows
+// whose squares leave the accumulation range: head_math.h, "Row scaling"). workspace:
+// gram_workspace_bytes(B, n) bytes (may be null when 0).
 cudaError_t gram_loss(const RowsView& x, heads::Head head, const heads::Params& prm, void* loss, void* a,
-                      void* beta, void* workspace, cudaStream_t stream);
+                      void* beta, void* row_scale, void* workspace, cudaStream_t stream);
 
 // [B, 6] acc: rho, rho_q (l_q mean resultant length, q >= 1, q = inf for the max norm), kappa, mean
 // cosine, coherence, dpp. workspace as for gram_loss.
 cudaError_t concentration_stats(const RowsView& x, double q, const heads::Params& prm, void* out, void* workspace,
                                 cudaStream_t stream);
 
-// dX = scale_b (A_b X_b + beta_b ⊙ sign(X_b)) into dx (contiguous [B, n, D], x's dtype). a [B, n, n] and
-// beta [B, n] (null: no l1 term) contiguous acc; scale [B] acc with element stride scale_stride (null: 1).
+// dX_bi = scale_b row_scale_bi (A_b X_b + beta_b ⊙ sign(X_b))_i into dx (contiguous [B, n, D], x's dtype).
+// a [B, n, n] and beta [B, n] (null: no l1 term) contiguous acc; scale [B] acc with element stride
+// scale_stride (null: 1); row_scale [B, n] contiguous acc (null: 1).
 cudaError_t gram_pullback(const RowsView& x, const void* a, const void* beta, const void* scale,
-                          int64_t scale_stride, void* dx, cudaStream_t stream);
+                          int64_t scale_stride, const void* row_scale, void* dx, cudaStream_t stream);
 
 }  // namespace fastdiv::cuda

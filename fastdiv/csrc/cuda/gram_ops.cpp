@@ -28,27 +28,29 @@ std::tuple<at::Tensor, at::Tensor> gram_op(const at::Tensor& x, bool with_l1) {
 }
 
 at::Tensor gram_pullback_op(const at::Tensor& x, const at::Tensor& a, const std::optional<at::Tensor>& beta,
-                         const std::optional<at::Tensor>& scale) {
-  const GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, at::kCUDA);
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& row_scale) {
+  const GramPullbackArgs args = prepare_gram_pullback(x, a, beta, scale, row_scale, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor* s = args.scale;
   check_launch(cuda::gram_pullback(rows_view(x), args.a.data_ptr(), data_or_null(args.beta),
-                                   s ? s->data_ptr() : nullptr, s ? s->stride(0) : 0, args.dx.data_ptr(),
-                                   current_stream()),
+                                   s ? s->data_ptr() : nullptr, s ? s->stride(0) : 0, data_or_null(args.row_scale),
+                                   args.dx.data_ptr(), current_stream()),
                "gram_pullback");
   return args.dx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x, const std::string& head, double eps,
-                                                         double jitter, double p, double rho_max) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_op(const at::Tensor& x, const std::string& head,
+                                                                     double eps, double jitter, double p,
+                                                                     double rho_max) {
   const heads::Head h = parse_head(head);
-  auto [loss, a, beta] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCUDA);
+  auto [loss, a, beta, row_scale] = prepare_gram_loss(x, h == heads::Head::kSparsity, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor ws = workspace_for(x);
   check_launch(cuda::gram_loss(rows_view(x), h, heads::Params{eps, jitter, p, rho_max}, loss.data_ptr(),
-                               a.data_ptr(), data_or_null(beta), data_or_null(ws), current_stream()),
+                               a.data_ptr(), data_or_null(beta), data_or_null(row_scale), data_or_null(ws),
+                               current_stream()),
                "gram_loss");
-  return {loss, a, beta};
+  return {loss, a, beta, row_scale};
 }
 
 at::Tensor concentration_stats_op(const at::Tensor& x, double q, double eps, double jitter, double rho_max) {

@@ -13,10 +13,17 @@
 //    in order exactly as the CPU does (mean, then the two-pass variance), so the column sums are the
 //    same sequence of operations as on the CPU; consecutive threads read consecutive columns.
 // No atomics: every reduction has a fixed order, so results are bitwise reproducible.
+//
+// Rows whose sum of squares leaves the accumulation range (fp32: |x| ~ 1e19 overflows, ~1e-23 flushes to
+// 0; head_math.h, "Row scaling") take the rare path of rows.cpp: the norm again from y = s x in double
+// (s a power of two from the row's maximum) and u from y. A team cannot take a barrier alone, so whether
+// any row of the block needs it is voted (__syncthreads_or) and then every team runs the rare reductions,
+// keeping their results only for its own row if that row needs them.
 #include <cmath>  // sqrt: the CUDA headers declare it, the host emulation of device.cuh does not
 
 #include "cuda/device.cuh"
 #include "cuda/rows.h"
+#include "head_math.h"
 
 // The pass-1 loops are independent loads feeding one accumulator; unrolling lets a thread keep several
 // loads in flight. (A host compiler, for the emulated tests, would warn about the unknown pragma.)
@@ -67,22 +74,66 @@ __device__ __forceinline__ A inverse_norm(A r, A eps) {
   return is_nan(r) ? r : (r > eps ? A(1) / r : A(0));
 }
 
-// Sum of v over each team of `team` consecutive threads (team a power of two, 32 <= team <=
-// blockDim.x), returned to every thread of the team: warp butterflies, then the team's warp sums added
-// in warp order, so the result never depends on scheduling. scratch holds blockDim.x / 32 values of
-// shared memory. Every thread of the block must call it (teams larger than a warp synchronize the
-// block).
-template <typename A>
-__device__ __forceinline__ A team_sum(A v, A* scratch, unsigned team) {
-  v = warp_sum(v);
+// Reduction of v with an associative op over each team of `team` consecutive threads (team a power of
+// two, 32 <= team <= blockDim.x), returned to every thread of the team: warp butterflies, then the team's
+// warp results combined in warp order, so the result never depends on scheduling. scratch holds
+// blockDim.x / 32 values of shared memory. Every thread of the block must call it (teams larger than a
+// warp synchronize the block).
+template <typename A, typename Op>
+__device__ __forceinline__ A team_reduce(A v, A* scratch, unsigned team, Op op) {
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, offset));
   if (team == static_cast<unsigned>(kWarp)) return v;
   if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
   __syncthreads();
   const unsigned warps = team / kWarp, first = threadIdx.x / team * warps;
   A total = scratch[first];
-  for (unsigned w = 1; w < warps; ++w) total += scratch[first + w];
+  for (unsigned w = 1; w < warps; ++w) total = op(total, scratch[first + w]);
   __syncthreads();  // scratch is reused by the next call
   return total;
+}
+
+template <typename A>
+__device__ __forceinline__ A team_sum(A v, A* scratch, unsigned team) {
+  if (team == static_cast<unsigned>(kWarp)) return warp_sum(v);
+  return team_reduce(v, scratch, team, Plus{});
+}
+
+// max with a NaN kept when it comes first (enough: a NaN row is NaN whatever its scale)
+struct MaxOp {
+  __host__ __device__ __forceinline__ double operator()(double a, double b) const { return a < b ? b : a; }
+};
+
+// The rare path of one team's row (head_math.h, "Row scaling"): its scale s from its largest |x|, ||x||,
+// 1 / ||y|| of y = s x above the floor (||y|| > eps s; 0 at or below it, NaN kept) and, with grad,
+// <grad, y>; all in double, every (s x)^2 at most 16. row / grad: the elements lane, lane + team, ... of
+// this thread (from its kept copy or from memory). Every thread of the block must call it.
+struct ScaledNorm {
+  double scale, norm, inv_y, grad_dot;
+};
+
+template <typename T>
+__device__ ScaledNorm scaled_team_norm(const T* row, const T* grad, int64_t d, unsigned lane, unsigned team,
+                                       bool active, double eps, double* scratch) {
+  constexpr bool wide = std::is_same_v<acc_t<T>, double>;
+  double m = 0;
+  if (active)
+    for (int64_t k = lane; k < d; k += team) {
+      const double a = fabs(load_as<double>(row[k]));
+      m = (a > m || a != a) ? a : m;
+    }
+  m = team_reduce(m, scratch, team, MaxOp{});
+  const double sc = heads::row_scale(m, wide);
+  double ss = 0, gy = 0;
+  if (active)
+    for (int64_t k = lane; k < d; k += team) {
+      const double y = load_as<double>(row[k]) * sc;
+      ss += y * y;
+      if (grad) gy += load_as<double>(grad[k]) * y;
+    }
+  ss = team_reduce(ss, scratch, team, Plus{});
+  gy = team_reduce(gy, scratch, team, Plus{});
+  const double norm_y = sqrt(ss);
+  return {sc, norm_y / sc, is_nan(norm_y) ? norm_y : (norm_y > eps * sc ? 1.0 / norm_y : 0.0), gy};
 }
 
 // Where a thread of a row kernel works: its team's row (b * n + i), its position in the team, and the
@@ -124,7 +175,9 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
     normalize_kernel(RowsView x, unsigned team, bool keep, double eps, T* u) {
   using A = acc_t<T>;
+  constexpr bool wide = std::is_same_v<A, double>;
   __shared__ A scratch[kMaxTeam / kWarp];
+  __shared__ double scratch64[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
   const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
@@ -140,11 +193,22 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
     }
   }
   sumsq = team_sum(sumsq, scratch, team);
-  if (!s.active) return;  // past the last barrier
-  const A inv_r = static_cast<A>(inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps));
   const T* again = kept ? kept : s.src;
+  const bool rare = s.active && heads::square_out_of_range(static_cast<double>(sumsq), d, wide);
+  double inv = inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps), sc = 1.0;
+  if (__syncthreads_or(rare)) {
+    const ScaledNorm sn = scaled_team_norm<T>(again, nullptr, d, s.lane, team, s.active, eps, scratch64);
+    if (rare) inv = sn.inv_y, sc = sn.scale;
+  }
+  if (!s.active) return;  // past the last barrier
+  const A inv_r = static_cast<A>(inv);
   T* dst = u + s.row * d;
-  for (int64_t k = s.lane; k < d; k += team) dst[k] = store_as<T>(load_as<A>(again[k]) * inv_r);
+  if (sc == 1.0) {
+    for (int64_t k = s.lane; k < d; k += team) dst[k] = store_as<T>(load_as<A>(again[k]) * inv_r);
+  } else {  // u = (s x) / ||s x||: 1 / ||x|| itself may not be representable
+    const A sa = static_cast<A>(sc);
+    for (int64_t k = s.lane; k < d; k += team) dst[k] = store_as<T>((load_as<A>(again[k]) * sa) * inv_r);
+  }
 }
 
 // dX = (G - <G, u> u) / r = (G - <G, x> x / r^2) / r: one reduction pass for ||x||^2 and <G, x>, one
@@ -153,7 +217,9 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
     normalize_pullback_kernel(RowsView x, unsigned team, bool keep, const T* grad, double eps, T* dx) {
   using A = acc_t<T>;
+  constexpr bool wide = std::is_same_v<A, double>;
   __shared__ A scratch[kMaxTeam / kWarp];
+  __shared__ double scratch64[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
   const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
@@ -173,15 +239,27 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
   }
   sumsq = team_sum(sumsq, scratch, team);
   gx = team_sum(gx, scratch, team);
-  if (!s.active) return;  // past the last barrier
-  const double inv = inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps);
-  const A inv_r = static_cast<A>(inv);
-  const A proj = static_cast<A>(static_cast<double>(gx) * inv * inv);  // <G, u> / r, times x below
   const T* xa = kept_x ? kept_x : s.src;
   const T* ga = kept_g ? kept_g : gr;
+  double inv = inverse_of_norm(sqrt(static_cast<double>(sumsq)), eps), sc = 1.0, gxd = static_cast<double>(gx);
+  // the rare path also when <G, x> overflowed (finite G and x; NaN stays NaN either way)
+  const bool rare = s.active && (heads::square_out_of_range(static_cast<double>(sumsq), d, wide) || isinf(gxd));
+  if (__syncthreads_or(rare)) {
+    const ScaledNorm sn = scaled_team_norm<T>(xa, ga, d, s.lane, team, s.active, eps, scratch64);
+    if (rare) inv = sn.inv_y, sc = sn.scale, gxd = sn.grad_dot;
+  }
+  if (!s.active) return;  // past the last barrier
+  const A inv_r = static_cast<A>(inv);
+  const A proj = static_cast<A>(gxd * inv * inv);  // <G, u> / r, times x below (with y = s x: of y)
   T* dst = dx + s.row * d;
-  for (int64_t k = s.lane; k < d; k += team)
-    dst[k] = store_as<T>((load_as<A>(ga[k]) - proj * load_as<A>(xa[k])) * inv_r);
+  if (sc == 1.0) {
+    for (int64_t k = s.lane; k < d; k += team)
+      dst[k] = store_as<T>((load_as<A>(ga[k]) - proj * load_as<A>(xa[k])) * inv_r);
+  } else {  // times s last: s / ||y|| may not be representable
+    const A sa = static_cast<A>(sc);
+    for (int64_t k = s.lane; k < d; k += team)
+      dst[k] = store_as<T>(((load_as<A>(ga[k]) - proj * (load_as<A>(xa[k]) * sa)) * inv_r) * sa);
+  }
 }
 
 // ------------------------------------------------------------------------------- column_stats
@@ -191,7 +269,9 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
     row_norms_kernel(RowsView x, unsigned team, bool /*keep*/, acc_t<T>* r) {
   using A = acc_t<T>;
+  constexpr bool wide = std::is_same_v<A, double>;
   __shared__ A scratch[kMaxTeam / kWarp];
+  __shared__ double scratch64[kMaxTeam / kWarp];
   const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
   A sumsq = 0;
@@ -203,19 +283,29 @@ __global__ void __launch_bounds__(kMaxTeam, kRowMinBlocks<T>)
     }
   }
   sumsq = team_sum(sumsq, scratch, team);
-  if (s.active && s.lane == 0) r[s.row] = static_cast<A>(sqrt(static_cast<double>(sumsq)));
+  double norm = sqrt(static_cast<double>(sumsq));
+  const bool rare = s.active && heads::square_out_of_range(static_cast<double>(sumsq), d, wide);
+  if (__syncthreads_or(rare)) {
+    const ScaledNorm sn = scaled_team_norm<T>(s.src, nullptr, d, s.lane, team, s.active, 0.0, scratch64);
+    if (rare) norm = sn.norm;
+  }
+  if (s.active && s.lane == 0) r[s.row] = static_cast<A>(norm);
 }
 
 // mean_d = (sum_i x_id / r_i) / n and var_d = (sum_i (x_id / r_i - mean_d)^2) / n for the columns
 // d of batch element b = blockIdx.x / col_blocks, one column per thread: the sums run over i in order,
 // as in column_stats_kernel of rows.cpp. 1 / r_i comes from the stored r (the CPU uses the unrounded
-// double norm: for float inputs the two may differ in the last bit).
+// double norm: for float inputs the two may differ in the last bit). A norm out of range is split as
+// r = ||s x|| / s with s = row_scale(r), so that u = (s x) / ||s x|| needs no subnormal 1 / r; a row whose
+// norm passed the accumulation dtype's maximum (r = Inf, elements within sqrt(D) of it) gets u = 0.
 template <typename T>
 __global__ void __launch_bounds__(kColumnBlock, kColumnMinBlocks<T>)
     column_moments_kernel(RowsView x, const acc_t<T>* r, double eps, int64_t col_blocks, acc_t<T>* mean,
                           acc_t<T>* var) {
   using A = acc_t<T>;
+  constexpr bool wide = std::is_same_v<A, double>;
   __shared__ A inv_r[kRowChunk];
+  __shared__ A row_sc[kRowChunk];
   const int64_t n = x.n, d = x.d;
   const int64_t b = blockIdx.x / col_blocks;
   const int64_t k = (blockIdx.x % col_blocks) * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -225,8 +315,12 @@ __global__ void __launch_bounds__(kColumnBlock, kColumnMinBlocks<T>)
   // 1 / r_i of rows [i0, i0 + len) for the whole block; every thread reaches both barriers.
   auto stage = [&](int64_t i0, int64_t len) {
     __syncthreads();  // the previous chunk's readers are done
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x)
-      inv_r[j] = static_cast<A>(inverse_of_norm(static_cast<double>(rb[i0 + j]), eps));
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+      const double r = static_cast<double>(rb[i0 + j]);
+      const double sc = heads::needs_scale(r, wide) ? heads::row_scale(r, wide) : 1.0;
+      inv_r[j] = static_cast<A>(is_nan(r) ? r : (r > eps ? 1.0 / (r * sc) : 0.0));
+      row_sc[j] = static_cast<A>(sc);
+    }
     __syncthreads();
   };
   // n = 0 gives 0 * inf = NaN, as on the CPU.
@@ -236,7 +330,7 @@ __global__ void __launch_bounds__(kColumnBlock, kColumnMinBlocks<T>)
     const int64_t len = n - i0 < kRowChunk ? n - i0 : kRowChunk;
     stage(i0, len);
     if (active)
-      for (int64_t j = 0; j < len; ++j) m += load_as<A>(col[(i0 + j) * x.stride_n]) * inv_r[j];
+      for (int64_t j = 0; j < len; ++j) m += (load_as<A>(col[(i0 + j) * x.stride_n]) * row_sc[j]) * inv_r[j];
   }
   m *= inv_n;
   // Two-pass variance: E[(u - m)^2] avoids the cancellation of E[u^2] - m^2. The rows come again from
@@ -247,7 +341,7 @@ __global__ void __launch_bounds__(kColumnBlock, kColumnMinBlocks<T>)
     if (n > kRowChunk) stage(i0, len);  // a single chunk is still staged (n is the same for the block)
     if (active)
       for (int64_t j = 0; j < len; ++j) {
-        const A t = load_as<A>(col[(i0 + j) * x.stride_n]) * inv_r[j] - m;
+        const A t = (load_as<A>(col[(i0 + j) * x.stride_n]) * row_sc[j]) * inv_r[j] - m;
         v += t * t;
       }
   }
@@ -271,7 +365,9 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
                                  const acc_t<T>* g_r, const acc_t<T>* g_mean, const acc_t<T>* g_var, acc_t<T> eps,
                                  T* dx) {
   using A = acc_t<T>;
+  constexpr bool wide = std::is_same_v<A, double>;
   __shared__ A scratch[kMaxTeam / kWarp];
+  __shared__ double scratch64[kMaxTeam / kWarp];
   FASTDIV_DYNAMIC_SMEM(smem);
   const auto s = row_slot<T>(x, team);
   const int64_t d = x.d;
@@ -279,7 +375,18 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
   A* kept_g = kept_rows<A>(smem, keep, 0, s.slot, 1, d);
   T* kept_x = kept_rows<T>(smem, keep, static_cast<int64_t>(blockDim.x / team) * d * sizeof(A), s.slot, 1, d);
   const A inv_n = A(1) / static_cast<A>(x.n);
-  const A inv_r = s.active ? inverse_norm(r[s.row], eps) : A(0);  // 0 below the floor: the row gets 0
+  A inv_r = s.active ? inverse_norm(r[s.row], eps) : A(0);  // 0 below the floor: the row gets 0
+  // A stored norm out of range (1 / r not a normal number, or r = Inf for a finite row past the dtype's
+  // maximum) is taken again from the row, scaled: u = (s x) inv_r with inv_r = 1 / ||s x|| (rows.cpp).
+  A sc = A(1);
+  const double rd = s.active ? static_cast<double>(r[s.row]) : 1.0;
+  const bool rare = s.active && heads::square_out_of_range(rd * rd, 1, wide);
+  if (__syncthreads_or(rare)) {
+    const ScaledNorm sn = scaled_team_norm<T>(s.src, nullptr, d, s.lane, team, s.active,
+                                              static_cast<double>(eps), scratch64);
+    if (rare) inv_r = static_cast<A>(sn.inv_y), sc = static_cast<A>(sn.scale);
+  }
+  const bool scaled = sc != A(1);
   const int64_t col0 = s.b * d;
   // G_id for column k of this row, in the CPU's order of operations (column_coefficients in rows.cpp).
   auto grad_u = [&](int64_t k, A a) {
@@ -288,7 +395,7 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
       beta = A(2) * g_var[col0 + k] * inv_n;
       alpha -= beta * mean[col0 + k];
     }
-    return alpha + beta * a * inv_r;
+    return scaled ? alpha + beta * ((a * sc) * inv_r) : alpha + beta * a * inv_r;
   };
   A c = 0;
   if (s.active) {
@@ -297,15 +404,24 @@ __global__ void __launch_bounds__(kMaxTeam, 1)
       const T v = s.src[k];
       const A a = load_as<A>(v), g = grad_u(k, a);
       if (kept_x) kept_x[k] = v, kept_g[k] = g;
-      c += g * a;
+      c += scaled ? g * ((a * sc) * inv_r) : g * a;  // scaled: c = <G, u> directly
     }
   }
   c = team_sum(c, scratch, team);
   if (!s.active) return;  // past the last barrier
+  const A gr = g_r ? g_r[s.row] : A(0);
+  T* dst = dx + s.row * d;
+  if (scaled) {  // (G - c u) / r + g_r u with 1 / r = s inv_r applied last
+    for (int64_t k = s.lane; k < d; k += team) {
+      const A a = load_as<A>(kept_x ? kept_x[k] : s.src[k]);
+      const A u = (a * sc) * inv_r, g = kept_x ? kept_g[k] : grad_u(k, a);
+      dst[k] = store_as<T>(((g - c * u) * inv_r) * sc + gr * u);
+    }
+    return;
+  }
   // (G - c u) / r + g_r u with u = x / r; the x terms share one coefficient.
   const A cu = static_cast<A>(static_cast<double>(c) * static_cast<double>(inv_r)) * inv_r;
-  const A x_coef = ((g_r ? g_r[s.row] : A(0)) - cu) * inv_r;
-  T* dst = dx + s.row * d;
+  const A x_coef = (gr - cu) * inv_r;
   if (kept_x) {
     for (int64_t k = s.lane; k < d; k += team)
       dst[k] = store_as<T>(kept_g[k] * inv_r + x_coef * load_as<A>(kept_x[k]));
