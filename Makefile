@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # the venv's bin first: torch's extension build calls `ninja`, which the pip package installs there
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-KERNEL_SOURCES := $(wildcard fastdiv/csrc/*.cpp fastdiv/csrc/*.h fastdiv/csrc/cpu/*.cpp fastdiv/csrc/cpu/*.h \
+KERNEL_SOURCES := $(wildcard fastdiv/csrc/*.cpp fastdiv/csrc/*.h fastdiv/csrc/cpu/*.cpp fastdiv/csrc/cpu/*.h fastdiv/csrc/cpu/kernels/* \
                              fastdiv/csrc/cuda/*.cu fastdiv/csrc/cuda/*.cpp fastdiv/csrc/cuda/*.h fastdiv/csrc/cuda/*.cuh)
 
 .PHONY: demo test lint setup clean

@@ -8,12 +8,13 @@
 fastdiv declares no build-time torch on purpose: an isolated build would install a second torch just to
 compile against it, and an extension built against one torch does not load in another.
 
+The CPU kernels are compiled for the compiler's default target plus AVX2 and AVX-512 variants, and the
+variant is chosen at run time (fastdiv/csrc/cpu/dispatch.cpp), so the build runs on any x86-64 CPU.
 The CUDA kernels are built too when a CUDA toolkit and a CUDA build of torch are both present.
 
 Environment:
   FASTDIV_FORCE_CUDA=1   build the CUDA sources even if torch reports no CUDA device/toolkit
   FASTDIV_NO_CUDA=1      never build them
-  FASTDIV_CPU_ARCH       value for -march (default "native"; e.g. x86-64-v3; empty for the compiler default)
   TORCH_CUDA_ARCH_LIST, MAX_JOBS   honored as by torch.utils.cpp_extension
 """
 import importlib.util

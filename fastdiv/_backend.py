@@ -18,8 +18,9 @@ BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` from the fa
               "the first import compile it (needs a C++ compiler and `pip install ninja`; FASTDIV_JIT unset)")
 
 
-def _load_extension() -> tuple[str | None, str | None]:
-    """Loads the CPU kernels; returns (where they came from, None) or (None, why they did not load).
+def _load_extension() -> tuple[str | None, str | None, str | None]:
+    """Loads the CPU kernels; returns (where they came from, the library's path, None) or (None, None, why
+    they did not load).
 
     The build made at install (fastdiv._C) is used when present; without one, and with the C++ sources
     at hand, they are compiled on this first import (fastdiv/_jit.py says why and where they are cached).
@@ -32,18 +33,19 @@ def _load_extension() -> tuple[str | None, str | None]:
         try:
             from . import _C  # loading the library registers torch.ops.fastdiv.*
 
-            return f"built at install: {_C.__file__}", None
+            return f"built at install: {_C.__file__}", _C.__file__, None
         except ImportError as exc:  # absent, or present but unloadable (built against another torch, say)
             if jit == "never" or not _jit.sources_present():
-                return None, f"{exc} (and FASTDIV_JIT=0 or no C++ sources to compile on import)"
+                return None, None, f"{exc} (and FASTDIV_JIT=0 or no C++ sources to compile on import)"
             why = "no build at install" if isinstance(exc, ModuleNotFoundError) else f"fastdiv._C did not load: {exc}"
     try:
-        return f"compiled on import ({why}; later imports load the cache): {_jit.load()}", None
+        library = _jit.load()
+        return f"compiled on import ({why}; later imports load the cache): {library}", library, None
     except Exception as exc:  # no compiler, no ninja, a compile error: the 'torch' backend still works
-        return None, f"compiling the CPU kernels on import failed: {type(exc).__name__}: {exc}"
+        return None, None, f"compiling the CPU kernels on import failed: {type(exc).__name__}: {exc}"
 
 
-EXTENSION_SOURCE, EXTENSION_ERROR = _load_extension()
+EXTENSION_SOURCE, EXTENSION_PATH, EXTENSION_ERROR = _load_extension()
 if EXTENSION_ERROR is not None:
     warnings.warn(
         f"fastdiv's CPU kernels did not load ({EXTENSION_ERROR}); every op falls back to the slow "
@@ -53,12 +55,55 @@ if EXTENSION_ERROR is not None:
     )
 
 
-def cpu_build_capability() -> str | None:
-    """The instruction set the loaded CPU kernels were compiled for ('AVX512', 'AVX2', 'SSE4.2', ...),
-    None when they did not load."""
+#: The instruction-set variants of the CPU kernels, lowest first (fastdiv/csrc/cpu/isa_*.cpp).
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def cpu_capability() -> str | None:
+    """The instruction-set variant of the CPU kernels that runs: 'default', 'avx2' or 'avx512' (None when
+    the kernels did not load). Chosen on first use: ``FASTDIV_CPU_CAPABILITY`` when it is set, else the
+    best this CPU supports."""
     if EXTENSION_ERROR is not None:
         return None
     return torch.ops.fastdiv_build.cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """The variants this build holds and this CPU can run, lowest first ([] when the kernels did not load)."""
+    if EXTENSION_ERROR is not None:
+        return []
+    return list(torch.ops.fastdiv_build.cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> None:
+    """Runs the CPU kernels' ``name`` variant from now on in this process (tests and benchmarks compare
+    variants this way). Raises ValueError for a name that is not one of :func:`cpu_capabilities`."""
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(f"the CPU kernels did not load ({EXTENSION_ERROR})")
+    supported = cpu_capabilities()
+    if name not in supported:
+        known = "one of " + ", ".join(CPU_CAPABILITIES) if name not in CPU_CAPABILITIES else "a capability"
+        raise ValueError(f"set_cpu_capability: {name!r} is not {known} this CPU and build support "
+                         f"(supported: {', '.join(supported)})")
+    torch.ops.fastdiv_build.set_cpu_capability(name)
+
+
+def _check_capability_override() -> None:
+    """Applies FASTDIV_CPU_CAPABILITY at import, so a wrong value fails here with its reason and not at the
+    first kernel call. An unknown name or one this CPU cannot run is an error: running other kernels
+    than the ones asked for would make any test or timing under the override a silent lie."""
+    wanted = os.environ.get("FASTDIV_CPU_CAPABILITY", "").strip().lower()
+    if not wanted or EXTENSION_ERROR is not None:
+        return
+    try:
+        cpu_capability()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{first}. Unset FASTDIV_CPU_CAPABILITY or set it to one of: "
+                         f"{', '.join(CPU_CAPABILITIES)}") from None
+
+
+_check_capability_override()
 
 
 def extension_built() -> bool:

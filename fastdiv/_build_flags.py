@@ -18,20 +18,21 @@ MODULE_SOURCE = os.path.join(CSRC, "module.cpp")
 LINK_FLAGS = ["-fopenmp"]
 
 
-def cpu_arch() -> str:
-    """The ``-march`` value: ``FASTDIV_CPU_ARCH`` (e.g. ``x86-64-v3`` for AVX2, ``x86-64-v2`` for
-    SSE4.2), by default ``native``; empty means the compiler's default target (portable x86-64)."""
-    return os.environ.get("FASTDIV_CPU_ARCH", "native").strip()
-
-
-def cxx_flags(arch: str | None = None) -> list[str]:
-    """g++ flags of the CPU kernels (C++20: torch 2.13's headers are written for it)."""
-    arch = cpu_arch() if arch is None else arch
-    return ["-O3", "-fopenmp", "-std=c++20"] + ([f"-march={arch}"] if arch else [])
+def cxx_flags() -> list[str]:
+    """g++ flags of the CPU kernels (C++20: torch 2.13's headers are written for it). No ``-march``: the
+    build targets the compiler's default (any x86-64 CPU), and the AVX2 and AVX-512 variants of the
+    kernels get their instruction sets from the target pragmas of ``csrc/cpu/isa_*.cpp``; which variant
+    runs is chosen at run time (``csrc/cpu/dispatch.cpp``), so a build runs on any CPU of its
+    architecture whatever machine compiled it."""
+    return ["-O3", "-fopenmp", "-std=c++20"]
 
 
 def cpu_sources(with_module: bool = True) -> list[str]:
-    """Absolute paths of the CPU build's translation units, sorted."""
+    """Absolute paths of the CPU build's translation units, sorted, which is also the order setuptools links
+    them in (it sorts an extension's sources). The instruction-set variants are named
+    ``cpu/isa_<level>_<name>.cpp`` so that the default one links before the AVX ones: the linker keeps the
+    first copy of an inline function that several translation units emit, and this order makes it one that
+    every CPU can run (``csrc/cpu/kernels/variant.h``)."""
     files = glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))
     if not with_module:
         files = [f for f in files if os.path.abspath(f) != MODULE_SOURCE]
@@ -44,5 +45,7 @@ def cuda_sources() -> list[str]:
 
 
 def headers() -> list[str]:
-    """Every header the CPU build can include (part of the first-import build's cache key)."""
-    return sorted(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "cpu", "*.h")))
+    """Every file the CPU build includes, the kernel sources of ``cpu/kernels/`` too (each variant
+    includes them; part of the first-import build's cache key)."""
+    return sorted(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "cpu", "*.h"))
+                  + glob.glob(os.path.join(CSRC, "cpu", "kernels", "*")))

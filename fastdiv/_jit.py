@@ -5,13 +5,13 @@ A default ``pip install .`` / ``pip install -e .`` runs setup.py in an isolated 
 without torch (fastdiv does not declare a build-time torch: that would install a second, possibly
 different torch just to compile against, and an extension built against one torch does not load in
 another). That install ships the C++ sources instead, and the first ``import fastdiv`` compiles them
-here with ``torch.utils.cpp_extension.load`` (ninja, about a minute on two cores), for this machine's
-CPU and against the torch that is actually installed. The library is cached under
+here with ``torch.utils.cpp_extension.load`` (ninja, a few minutes on two cores), against the torch that
+is actually installed. The library is cached under
 ``$FASTDIV_CACHE_DIR`` (default ``~/.cache/fastdiv``), keyed by the torch version, the flags and the
 sources' contents, so later imports only load it and any change rebuilds it.
 
-``FASTDIV_JIT=1`` uses this path even when ``fastdiv._C`` exists (CI uses it to test a build for
-another ``FASTDIV_CPU_ARCH``); ``FASTDIV_JIT=0`` never compiles on import.
+``FASTDIV_JIT=1`` uses this path even when ``fastdiv._C`` exists (to test it); ``FASTDIV_JIT=0`` never
+compiles on import.
 """
 from __future__ import annotations
 
@@ -58,8 +58,7 @@ def build_directory(torch_version: str) -> str:
         digest.update(os.path.relpath(path, _build_flags.CSRC).encode())
         with open(path, "rb") as f:
             digest.update(f.read())
-    arch = _build_flags.cpu_arch() or "default"
-    return os.path.join(cache_root(), f"torch{torch_version}-{arch}-{digest.hexdigest()[:16]}")
+    return os.path.join(cache_root(), f"torch{torch_version}-{digest.hexdigest()[:16]}")
 
 
 def load() -> str:
@@ -73,8 +72,8 @@ def load() -> str:
         torch.ops.load_library(library)
         return library
     os.makedirs(folder, exist_ok=True)
-    print(f"fastdiv: compiling the CPU kernels for this machine (-march={_build_flags.cpu_arch() or 'default'}, "
-          f"once, about a minute) into {folder}", file=sys.stderr, flush=True)
+    print(f"fastdiv: compiling the CPU kernels (default, AVX2 and AVX-512 variants; once, a few minutes) into "
+          f"{folder}", file=sys.stderr, flush=True)
     try:  # the pip package `ninja` puts its binary here, which is not on PATH outside an activated venv
         import ninja
 

@@ -31,7 +31,9 @@ def info() -> dict:
         },
         "extension_error": _backend.EXTENSION_ERROR,
         "extension_source": _backend.EXTENSION_SOURCE,
-        "cpu_kernels_built_for": _backend.cpu_build_capability(),
+        "cpu_kernels": _backend.cpu_capability(),
+        "cpu_kernels_supported": _backend.cpu_capabilities(),
+        "FASTDIV_CPU_CAPABILITY": os.environ.get("FASTDIV_CPU_CAPABILITY") or None,
         # what ATen detected on this CPU (its own dispatch; ATEN_CPU_CAPABILITY overrides it)
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "auto": {"cpu": _backend.default_backend("cpu"), "cuda": _backend.default_backend("cuda")},
@@ -49,8 +51,10 @@ def format_info(data: dict) -> str:
         lines.append(f"  (the CPU kernels did not load: {data['extension_error']})")
     else:
         lines.append(f"CPU kernels: {data['extension_source']}")
-        lines.append(f"CPU kernels built for: {data['cpu_kernels_built_for']} (this CPU, as ATen sees it: "
-                     f"{data['cpu_capability']})")
+        chosen = ("FASTDIV_CPU_CAPABILITY" if data["FASTDIV_CPU_CAPABILITY"]
+                  else "the best this CPU supports; FASTDIV_CPU_CAPABILITY overrides")
+        lines.append(f"CPU kernels run: {data['cpu_kernels']} ({chosen}; this CPU and build support: "
+                     f"{', '.join(data['cpu_kernels_supported'])}; ATen's own: {data['cpu_capability']})")
     lines.append(f"auto picks: cpu tensors -> {data['auto']['cpu']}, cuda tensors -> {data['auto']['cuda']}")
     if data["FASTDIV_BACKEND"]:
         lines.append(f"FASTDIV_BACKEND={data['FASTDIV_BACKEND']} overrides 'auto'")

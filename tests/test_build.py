@@ -1,8 +1,9 @@
 """How the CPU kernels are built and loaded: the shared source/flag list (fastdiv/_build_flags.py), the
-first-import build (fastdiv/_jit.py), the wheel's package data and the build capability `info` reports.
+first-import build (fastdiv/_jit.py) and the wheel's package data (the run-time choice of instruction set:
+tests/test_cpu_dispatch.py).
 
-The first-import compile itself runs in CI (`.ci/run` tests an x86-64-v3 build made that way); here the
-cache key, the switches and the fallback when nothing can be built are checked without compiling."""
+The first-import compile itself runs in CI (`.ci/run` tests a build made that way); here the cache key, the
+switches and the fallback when nothing can be built are checked without compiling."""
 from __future__ import annotations
 
 import fnmatch
@@ -13,11 +14,9 @@ import sys
 import pytest
 import torch
 
-import fastdiv
-from fastdiv import _backend, _build_flags, _jit
+from fastdiv import _build_flags, _jit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CAPABILITIES = {"AVX512", "AVX2", "SSE4.2", "x86-64 baseline (SSE2)", "non-x86 (compiler default)"}
 
 
 def test_sources_and_flags():
@@ -26,17 +25,15 @@ def test_sources_and_flags():
     assert _build_flags.MODULE_SOURCE in with_module and _build_flags.MODULE_SOURCE not in without
     assert set(with_module) - set(without) == {_build_flags.MODULE_SOURCE}
     names = {os.path.relpath(p, _build_flags.CSRC) for p in without}
-    assert {"ops.cpp", "build_info.cpp", os.path.join("cpu", "gram.cpp")} <= names
+    assert {"ops.cpp", "build_info.cpp", os.path.join("cpu", "dispatch.cpp")} <= names
     assert all(os.path.isfile(p) for p in with_module + _build_flags.headers() + _build_flags.cuda_sources())
-    assert _build_flags.cxx_flags("x86-64-v3")[-1] == "-march=x86-64-v3"
-    assert not any(f.startswith("-march") for f in _build_flags.cxx_flags(""))
-
-
-def test_cpu_arch_from_environment(monkeypatch):
-    monkeypatch.delenv("FASTDIV_CPU_ARCH", raising=False)
-    assert _build_flags.cpu_arch() == "native"
-    monkeypatch.setenv("FASTDIV_CPU_ARCH", " x86-64-v2 ")
-    assert _build_flags.cpu_arch() == "x86-64-v2" and "-march=x86-64-v2" in _build_flags.cxx_flags()
+    assert os.path.join(_build_flags.CSRC, "cpu", "kernels", "gram.cpp") in _build_flags.headers()
+    # sorted, as setuptools links them: the default variant before the AVX ones (cpu/kernels/variant.h)
+    assert without == sorted(without)
+    variants = [os.path.basename(p) for p in without if os.path.basename(p).startswith("isa_")]
+    assert variants == ["isa_0_default.cpp", "isa_1_avx2.cpp", "isa_2_avx512.cpp"]
+    # no -march: the build must run on any CPU of its architecture
+    assert not any(f.startswith("-march") for f in _build_flags.cxx_flags())
 
 
 def test_wheel_carries_every_source():
@@ -82,18 +79,13 @@ def test_jit_mode_garbage(monkeypatch):
 
 
 def test_jit_cache_key(monkeypatch, tmp_path):
-    """One folder per torch version, -march and source contents; the same inputs give the same folder."""
+    """One folder per torch version and source contents; the same inputs give the same folder."""
     monkeypatch.setenv("FASTDIV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("FASTDIV_CPU_ARCH", "x86-64-v3")
     key = _jit.build_directory("2.13.0")
     assert key == _jit.build_directory("2.13.0") and os.path.dirname(key) == str(tmp_path)
-    assert "x86-64-v3" in os.path.basename(key)
     assert _jit.build_directory("2.14.0") != key
-    monkeypatch.setenv("FASTDIV_CPU_ARCH", "x86-64-v2")
-    assert _jit.build_directory("2.13.0") != key
-    monkeypatch.setenv("FASTDIV_CPU_ARCH", "x86-64-v3")
     real_open = open
-    source = _build_flags.cpu_sources(with_module=False)[0]
+    source = os.path.join(_build_flags.CSRC, "cpu", "kernels", "gram.cpp")  # included, not compiled alone
 
     def edited_open(path, *args, **kwargs):  # the same file list, one source's contents changed
         f = real_open(path, *args, **kwargs)
@@ -124,7 +116,7 @@ def test_no_build_and_no_compiling_falls_back_with_a_warning():
             "with warnings.catch_warnings(record=True) as w:\n"
             "    import fastdiv, torch\n"
             "print(fastdiv.extension_built(), fastdiv.default_backend('cpu'), "
-            "fastdiv._backend.cpu_build_capability())\n"
+            "fastdiv._backend.cpu_capability())\n"
             "print([str(x.message) for x in w if 'did not load' in str(x.message)])\n"
             "print(fastdiv.dpp_loss(torch.eye(3)[None]).item())\n")
     env = dict(os.environ, FASTDIV_JIT="0")
@@ -134,21 +126,3 @@ def test_no_build_and_no_compiling_falls_back_with_a_warning():
     assert lines[0] == "False torch None"
     assert "FASTDIV_JIT=0" in lines[1] and "pip install -e . --no-build-isolation" in lines[1]
     assert abs(float(lines[2]) - 3 * -torch.log1p(torch.tensor(1e-4)).item()) < 1e-6  # -n log(1 + jitter)
-
-
-@pytest.mark.skipif(not fastdiv.extension_built(), reason="the CPU kernels did not load")
-def test_build_capability_matches_this_cpu():
-    """What the loaded kernels were compiled for is known and runs here (a build for more than this CPU
-    has would have crashed on the first AVX-512 instruction instead)."""
-    capability = _backend.cpu_build_capability()
-    assert capability in CAPABILITIES
-    info = fastdiv.info()
-    assert info["cpu_kernels_built_for"] == capability and info["extension_source"]
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
-    required = {"AVX512": {"avx512f", "avx512bw", "avx512vl"}, "AVX2": {"avx2", "fma"}, "SSE4.2": {"sse4_2"}}
-    if flags:
-        assert required.get(capability, set()) <= flags
-    assert torch.ops.fastdiv_build.cpu_capability() == capability

@@ -1,4 +1,4 @@
-"""Triton kernel of the fused EOT step, mirroring fastdiv/csrc/cpu/eot.cpp: one program per example.
+"""Triton kernel of the fused EOT step, mirroring fastdiv/csrc/cpu/kernels/eot.cpp: one program per example.
 
 l_inf without momentum is one pass over the n gradient rows, x and x0. Otherwise pass 1 writes the mean
 gradient to an acc-dtype buffer (the momentum output, or a scratch [B, D]) while reducing its norm, and

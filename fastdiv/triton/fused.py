@@ -202,7 +202,7 @@ def _fused_kernel(x_ptr, out_ptr, a_ptr, beta_ptr, rs_ptr, n, d, stride_b, strid
     # S exactly symmetric, from its lower triangle as the C++ gram_one mirrors it
     s = tl.where(rows[:, None] >= rows[None, :], s, tl.trans(s))
 
-    # ---- row scaling (row_scales / scaled_gram of fastdiv/csrc/cpu/gram.cpp): only when a diagonal entry
+    # ---- row scaling (row_scales / scaled_gram of fastdiv/csrc/cpu/kernels/gram.cpp): only when a diagonal entry
     # is suspect, a pass for the rows' maxima, and when a row needs a scale, the Gram again in float64
     scale = tl.full((BLOCK_N,), 1.0, tl.float64)
     df = tl.full((), 0.0, tl.float64) + d  # d as a float64 (d may arrive as a constant)

@@ -1,6 +1,6 @@
 """Triton kernels on unit rows u_i = x_i / r_i (0 for rows with ||x_i|| <= eps): normalization, its
 pullback, and the per-column statistics behind the Diverse-Directions variance penalties, mirroring
-fastdiv/csrc/cpu/rows.cpp. Pullbacks: dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i above the floor, 0 at or below.
+fastdiv/csrc/cpu/kernels/rows.cpp. Pullbacks: dL/dx_i = (G_i - <G_i, u_i> u_i) / r_i above the floor, 0 at or below.
 
 The row-norm floor test runs in float64 on the accumulated sum of squares (as the CPU kernels do);
 eps is passed as a float64 tensor because Triton would round a Python float argument to fp32. A row whose

@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
-#include "cpu/tile.h"  // kTile: the column tile the kernels stream X in
+// cpu::kTile (cpu/kernels.h): the column tile the kernels stream X in
 #include "harness.h"
 
 namespace {

@@ -288,7 +288,7 @@ def test_shapes_number_of_samples(backend, case, n):
     check_fp64_and_fp32(case, randn(3, n, 37, seed=n), backend)
 
 
-# 2047/2048/2049 straddle the kernels' column tile (kTile in fastdiv/csrc/cpu/tile.h; 511-513 the former
+# 2047/2048/2049 straddle the kernels' column tile (kTile in fastdiv/csrc/cpu/kernels.h; 511-513 the former
 # one); 4099 with B = 5 splits the batch over several parallel tasks; 100_000 is a long accumulation.
 D_VALUES = [1, 2, 7, 31, 33, 100, 511, 512, 513, 1000, 2047, 2048, 2049, 4099, 100_000]
 
@@ -1469,7 +1469,7 @@ def test_deterministic_normalize_cosine_gram_stats(backend):
 def test_results_do_not_depend_on_the_thread_count(backend, dtype):
     """The CPU kernels split the batch (or the rows) over threads, never a reduction, so 1, 2 and 3
     threads give the same bits. B = 13 with n = 4, D = 2049 is above the split grain (batch_grain in
-    fastdiv/csrc/cpu/tile.h), so 2 and 3 threads really split it, unevenly for 3. Some inputs have rows
+    fastdiv/csrc/cpu/kernels.h), so 2 and 3 threads really split it, unevenly for 3. Some inputs have rows
     out of the range of their squares (2^100, 2^-100, 2^63; head_math.h, "Row scaling"), whose rare path
     runs in whichever task holds them."""
     x = randn(13, 4, 2049, seed=5).to(dtype)

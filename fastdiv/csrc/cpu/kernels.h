@@ -1,6 +1,10 @@
 // CPU implementations of the fastdiv ops (schemas in fastdiv/csrc/ops.cpp). x is [B, n, D] with unit stride
 // on D and any strides on B and n; outputs are contiguous. "acc" is fp32 for fp32/bf16/fp16 inputs
 // and fp64 for fp64 inputs.
+//
+// The kernels (cpu/kernels/) are compiled once per instruction set (cpu/isa_*.cpp: default x86-64 or the
+// compiler's target, AVX2 + FMA, AVX-512); the functions declared here run the variant chosen at run time
+// (cpu/dispatch.cpp: the best this CPU supports, or FASTDIV_CPU_CAPABILITY).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,8 +12,12 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fastdiv::cpu {
+
+// Columns per tile: every kernel streams X in column tiles of this many values (cpu/kernels/tile.h).
+constexpr int64_t kTile = 2048;
 
 // Raw Gram S = X X^T [B, n, n] (acc) and, when with_l1, row l1 norms [B, n] (acc; else [B, 0]).
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1);
@@ -51,5 +59,42 @@ std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
                                             double lo, double hi, bool clip,
                                             const std::optional<at::Tensor>& momentum, double decay);
+
+// ---- run-time dispatch (cpu/dispatch.cpp)
+
+// One instruction-set variant of the kernels: its name ("default", "avx2", "avx512") and entry points.
+struct KernelTable {
+  const char* name;
+  std::tuple<at::Tensor, at::Tensor> (*gram)(const at::Tensor&, bool);
+  at::Tensor (*gram_pullback)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*gram_loss)(const at::Tensor&, const std::string&,
+                                                                          double, double, double, double);
+  at::Tensor (*concentration_stats)(const at::Tensor&, double, double, double, double);
+  at::Tensor (*normalize)(const at::Tensor&, double);
+  at::Tensor (*normalize_pullback)(const at::Tensor&, const at::Tensor&, double);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*column_stats)(const at::Tensor&, double);
+  at::Tensor (*column_stats_pullback)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                      const std::optional<at::Tensor>&, double);
+  std::tuple<at::Tensor, at::Tensor> (*eot_step)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const std::string&, double,
+                                                 double, bool, const std::optional<at::Tensor>&, double);
+};
+
+// Each variant's table (cpu/isa_*.cpp); the AVX2 and AVX-512 ones exist on x86-64 only.
+namespace isa_default { const KernelTable& kernel_table(); }
+#if defined(__x86_64__)
+namespace isa_avx2 { const KernelTable& kernel_table(); }
+namespace isa_avx512 { const KernelTable& kernel_table(); }
+#endif
+
+// Names of the variants this build holds and this CPU can run, lowest first ("default" always).
+std::vector<std::string> supported_capabilities();
+// The variant the functions above run: chosen on first use, from FASTDIV_CPU_CAPABILITY when it is set
+// (an error if it names no variant or one this CPU cannot run), else the best supported.
+const KernelTable& active_kernels();
+// Makes `name` the active variant (an error if it is not in supported_capabilities()).
+void set_capability(const std::string& name);
 
 }  // namespace fastdiv::cpu

@@ -1,4 +1,4 @@
-// The fused EOT step on the GPU (docs/design.md §2.6), the same math and NaN rules as fastdiv/csrc/cpu/eot.cpp: mean of
+// The fused EOT step on the GPU (docs/design.md §2.6), the same math and NaN rules as fastdiv/csrc/cpu/kernels/eot.cpp: mean of
 // the n sample gradients, sign (l_inf) or l2 direction, optional MI-FGSM momentum, step by alpha_b,
 // projection onto the eps_b-ball around x0, clamp to [lo, hi].
 //

@@ -1,5 +1,5 @@
 // Launcher of the fused EOT step CUDA kernels (fastdiv/csrc/cuda/eot.cu), with the semantics of the CPU kernel
-// fastdiv::cpu::eot_step (fastdiv/csrc/cpu/eot.cpp). Pure CUDA: raw device pointers, sizes, strides and a stream;
+// fastdiv::cpu::eot_step (fastdiv/csrc/cpu/kernels/eot.cpp). Pure CUDA: raw device pointers, sizes, strides and a stream;
 // the torch glue is fastdiv/csrc/cuda/eot_ops.cpp. "acc" buffers have the accumulation type of grads (double for
 // fp64 grads, float otherwise).
 #pragma once

@@ -1,4 +1,4 @@
-// CUDA registration of fastdiv::eot_step (CUDA builds only): the CPU wrapper of fastdiv/csrc/cpu/eot.cpp with the
+// CUDA registration of fastdiv::eot_step (CUDA builds only): the CPU wrapper of fastdiv/csrc/cpu/kernels/eot.cpp with the
 // same checks and outputs, calling the launcher of fastdiv/csrc/cuda/eot.cu on the current stream.
 #include <torch/library.h>
 

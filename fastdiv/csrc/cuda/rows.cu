@@ -1,7 +1,7 @@
 // CUDA kernels of the "rows" ops: unit rows u_i = x_i / r_i with r_i = max(||x_i||, eps), the per-column
 // statistics of u behind the Diverse-Directions variance penalty, and their pullbacks. The math, the
 // edge cases (rows at or below the norm floor get u = 0 and zero gradient, NaN rows stay NaN) and the
-// order of the per-column sums are those of fastdiv/csrc/cpu/rows.cpp; read its header comment first.
+// order of the per-column sums are those of fastdiv/csrc/cpu/kernels/rows.cpp; read its header comment first.
 //
 // Two kernel shapes:
 //  - Row kernels (normalize, normalize_pullback, the row norms of column_stats, column_stats_pullback):

@@ -1,7 +1,7 @@
 // Launchers of the "rows" CUDA kernels (fastdiv/csrc/cuda/rows.cu): unit rows u_i = x_i / r_i with
 // r_i = max(||x_i||, eps), the per-column statistics of u behind the Diverse-Directions variance
 // penalty, and their pullbacks (docs/design.md §2.5). Pure CUDA: raw device pointers, sizes, strides and a
-// stream; the torch glue is fastdiv/csrc/cuda/rows_ops.cpp and the semantics are those of fastdiv/csrc/cpu/rows.cpp.
+// stream; the torch glue is fastdiv/csrc/cuda/rows_ops.cpp and the semantics are those of fastdiv/csrc/cpu/kernels/rows.cpp.
 //
 // x is a RowsView [B, n, D]. "acc" buffers have the accumulation type of x (double for fp64 x, float
 // otherwise); every buffer other than x is contiguous. Each launcher returns the launch status

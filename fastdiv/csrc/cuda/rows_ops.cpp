@@ -1,5 +1,5 @@
 // Torch glue of the CUDA "rows" kernels (fastdiv/csrc/cuda/rows.cu): the same checks, output allocation and
-// gradient handling as the CPU wrappers in fastdiv/csrc/cpu/rows.cpp, then one launcher call on the current
+// gradient handling as the CPU wrappers in fastdiv/csrc/cpu/kernels/rows.cpp, then one launcher call on the current
 // stream of x's device. CUDA builds only.
 #include <torch/library.h>
 

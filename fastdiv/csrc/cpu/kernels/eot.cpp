@@ -13,11 +13,11 @@
 #include <cmath>
 #include <vector>
 
-#include "kernels.h"
-#include "tile.h"
+#include "cpu/kernels.h"
+#include "cpu/kernels/tile.h"
 
-namespace fastdiv::cpu {
-namespace {
+namespace fastdiv::cpu::FASTDIV_ISA {
+namespace eot_impl {
 
 constexpr int64_t kVec = 64;  // columns of the mean gradient kept in registers across the n rows
 
@@ -145,7 +145,9 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
   });
 }
 
-}  // namespace
+}  // namespace eot_impl
+
+using namespace eot_impl;
 
 std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& grads,
                                             const at::Tensor& alpha, const at::Tensor& eps, const std::string& norm,
@@ -161,4 +163,4 @@ std::tuple<at::Tensor, at::Tensor> eot_step(const at::Tensor& x, const at::Tenso
   return {args.out, args.momentum_out};
 }
 
-}  // namespace fastdiv::cpu
+}  // namespace fastdiv::cpu::FASTDIV_ISA

@@ -19,9 +19,7 @@
 
 #include "checks.h"
 
-namespace fastdiv::cpu {
-
-constexpr int64_t kTile = 2048;
+namespace fastdiv::cpu::FASTDIV_ISA {
 
 // Half-precision inputs accumulate in fp32; fp64 inputs accumulate in fp64.
 template <typename T> struct AccType { using type = float; };
@@ -128,4 +126,4 @@ inline int64_t batch_grain(int64_t n, int64_t d) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, n * d));
 }
 
-}  // namespace fastdiv::cpu
+}  // namespace fastdiv::cpu::FASTDIV_ISA

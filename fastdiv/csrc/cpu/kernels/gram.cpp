@@ -9,12 +9,12 @@
 
 #include "checks.h"
 #include "head_math.h"
-#include "kernels.h"
-#include "tile.h"
+#include "cpu/kernels.h"
+#include "cpu/kernels/tile.h"
 
-namespace fastdiv::cpu {
+namespace fastdiv::cpu::FASTDIV_ISA {
 
-namespace {
+namespace gram_impl {
 
 // Dots of row xi with up to four rows at once: xi is loaded once per four FMAs (1.25 loads per FMA
 // instead of 2), which is what keeps the Gram under the memory time for n >= 8.
@@ -361,7 +361,9 @@ void stats_kernel(const at::Tensor& x, double q, const heads::Params& prm, at::T
   });
 }
 
-}  // namespace
+}  // namespace gram_impl
+
+using namespace gram_impl;
 
 std::tuple<at::Tensor, at::Tensor> gram(const at::Tensor& x, bool with_l1) {
   auto [s, l1] = prepare_gram(x, with_l1, at::kCPU);
@@ -397,4 +399,4 @@ at::Tensor concentration_stats(const at::Tensor& x, double q, double eps, double
   return out;
 }
 
-}  // namespace fastdiv::cpu
+}  // namespace fastdiv::cpu::FASTDIV_ISA

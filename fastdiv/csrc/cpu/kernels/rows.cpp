@@ -17,11 +17,11 @@
 #include <vector>
 
 #include "head_math.h"
-#include "kernels.h"
-#include "tile.h"
+#include "cpu/kernels.h"
+#include "cpu/kernels/tile.h"
 
-namespace fastdiv::cpu {
-namespace {
+namespace fastdiv::cpu::FASTDIV_ISA {
+namespace rows_impl {
 
 struct RowNorm {
   double norm;   // ||x||
@@ -302,7 +302,9 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
   });
 }
 
-}  // namespace
+}  // namespace rows_impl
+
+using namespace rows_impl;
 
 at::Tensor normalize(const at::Tensor& x, double eps) {
   check_rows(x, "normalize", at::kCPU);
@@ -336,4 +338,4 @@ at::Tensor column_stats_pullback(const at::Tensor& x, const at::Tensor& r, const
   return args.dx;
 }
 
-}  // namespace fastdiv::cpu
+}  // namespace fastdiv::cpu::FASTDIV_ISA

@@ -1,0 +1,5 @@
+// The CPU kernels compiled for the build's own target: the compiler's default (x86-64 without AVX on x86,
+// NEON on aarch64), so they run on every CPU the library loads on.
+#define FASTDIV_ISA isa_default
+#define FASTDIV_ISA_NAME "default"
+#include "cpu/kernels/variant.h"
