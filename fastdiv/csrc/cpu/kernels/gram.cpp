@@ -32,22 +32,6 @@ inline void dot4(const A* xi, const A* x0, const A* x1, const A* x2, const A* x3
   out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
 }
 
-// Columns [d0, d0 + len) of the n rows of batch element b in the accumulation type: X itself when it
-// already has that type (no staging copy), else converted into tile. Returns row 0; rows are
-// *row_stride apart.
-template <typename T>
-inline const acc_t<T>* tile_rows(const Rows<T>& x, int64_t b, int64_t n, int64_t d0, int64_t len,
-                                 acc_t<T>* tile, int64_t* row_stride) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    *row_stride = x.stride_n;
-    return x.row(b, 0) + d0;
-  } else {
-    load_tile(x, b, n, d0, len, tile);
-    *row_stride = len;
-    return tile;
-  }
-}
-
 // Accumulates the raw Gram of batch element b into S (n x n, double) and row l1 norms into l1.
 // diagonal_only: just the squared row norms (the off-diagonal entries stay 0), for heads that never
 // read them.
@@ -77,13 +61,15 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
 
 // Second pass over batch element b (its slab is still in cache for the paper sizes): the column sums
 // m_d = sum_i u_id, accumulated in double. Returns ||m||^2 = ||sum_i u_i||^2; when lq is given, also
-// writes ||m / n||_q (the l_q mean resultant length; q = inf gives the max norm).
+// writes ||m / n||_q (the l_q mean resultant length; q = inf gives the max norm). q = 1, 2 and inf, the
+// usual orders, are plain vectorized sums / maxima; only other orders pay a pow per column.
 template <typename T>
 double column_resultant(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile, double* m,
                         const double* inv_r, double q, double* lq) {
   double sq = 0, acc_q = 0;
   bool nan = false;
   const double inv_n = 1.0 / static_cast<double>(n);
+  const bool q_inf = std::isinf(q), q_one = q == 1.0, q_two = q == 2.0;
   for (int64_t d0 = 0; d0 < d; d0 += kTile) {
     const int64_t len = std::min(kTile, d - d0);
     int64_t rs;
@@ -95,16 +81,40 @@ double column_resultant(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) m[k] += static_cast<double>(xi[k]) * w;
     }
-    for (int64_t k = 0; k < len; ++k) {
-      sq += m[k] * m[k];
-      if (lq) {
+    double tile_sq = 0;
+#pragma omp simd reduction(+ : tile_sq)
+    for (int64_t k = 0; k < len; ++k) tile_sq += m[k] * m[k];
+    sq += tile_sq;
+    if (!lq || q_two) continue;  // ||m / n||_2 comes from sq below
+    if (q_one) {
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < len; ++k) s += std::abs(m[k]);
+      acc_q += s;  // a NaN column makes the sum NaN
+    } else if (q_inf) {
+      double mx = 0;
+      bool tile_nan = false;
+      for (int64_t k = 0; k < len; ++k) {
+        const double a = std::abs(m[k]);
+        tile_nan |= a != a;
+        mx = a > mx ? a : mx;
+      }
+      nan |= tile_nan;
+      acc_q = std::max(acc_q, mx);
+    } else {
+      for (int64_t k = 0; k < len; ++k) {
         const double a = std::abs(m[k] * inv_n);
         nan |= std::isnan(a);
-        acc_q = std::isinf(q) ? std::max(acc_q, a) : acc_q + std::pow(a, q);
+        acc_q += std::pow(a, q);
       }
     }
   }
-  if (lq) *lq = nan ? NAN : (std::isinf(q) ? acc_q : std::pow(acc_q, 1.0 / q));
+  if (lq) {
+    if (q_two) *lq = std::sqrt(sq) * inv_n;
+    else if (q_one) *lq = acc_q * inv_n;
+    else if (q_inf) *lq = nan ? NAN : acc_q * inv_n;
+    else *lq = nan ? NAN : std::pow(acc_q, 1.0 / q);
+  }
   return sq;
 }
 

@@ -73,14 +73,21 @@ inline A inverse_norm(A r, A eps) {
   return std::isnan(r) ? r : (r > eps ? A(1) / r : A(0));
 }
 
+// Sum of squares of one row, per tile in the accumulation type and across tiles in double; half-precision
+// rows are converted into tile first, fp32 / fp64 rows are read in place.
 template <typename T>
 double row_sumsq(const T* row, int64_t d, acc_t<T>* tile) {
   double s = 0;
   for (int64_t d0 = 0; d0 < d; d0 += kTile) {
     const int64_t len = std::min(kTile, d - d0);
+    const acc_t<T>* v = tile;
+    if constexpr (std::is_same_v<T, acc_t<T>>) {
+      v = row + d0;
+    } else {
 #pragma omp simd
-    for (int64_t k = 0; k < len; ++k) tile[k] = load_as<acc_t<T>>(row[d0 + k]);
-    s += static_cast<double>(dot(tile, tile, len));
+      for (int64_t k = 0; k < len; ++k) tile[k] = load_as<acc_t<T>>(row[d0 + k]);
+    }
+    s += static_cast<double>(dot(v, v, len));
   }
   return s;
 }
@@ -171,23 +178,28 @@ void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Ten
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {
         const int64_t len = std::min(kTile, d - d0);
-        load_tile(rows, b, n, d0, len, tile.data());
-        if (scaled)  // the tile holds y = s x of the scaled rows (exact: s is a power of two)
+        int64_t rs = len;
+        const A* t = tile.data();
+        if (scaled) {  // a copy holding y = s x of the scaled rows (exact: s is a power of two)
+          load_tile(rows, b, n, d0, len, tile.data());
           for (int64_t i = 0; i < n; ++i)
             if (scale[i] != A(1))
               for (int64_t k = 0; k < len; ++k) tile[i * len + k] *= scale[i];
+        } else {
+          t = tile_rows(rows, b, n, d0, len, tile.data(), &rs);
+        }
         A* m = m_out + b * d + d0;
         A* v = v_out + b * d + d0;
         for (int64_t k = 0; k < len; ++k) m[k] = 0, v[k] = 0;
         for (int64_t i = 0; i < n; ++i) {
-          const A* xi = tile.data() + i * len;
+          const A* xi = t + i * rs;
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k) m[k] += xi[k] * inv_r[i];
         }
         for (int64_t k = 0; k < len; ++k) m[k] *= inv_n;
         // Two-pass variance: E[(u - m)^2] avoids the cancellation of E[u^2] - m^2.
         for (int64_t i = 0; i < n; ++i) {
-          const A* xi = tile.data() + i * len;
+          const A* xi = t + i * rs;
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k) {
             const A t = xi[k] * inv_r[i] - m[k];
@@ -203,6 +215,45 @@ void column_stats_kernel(const at::Tensor& x, double eps, at::Tensor& r, at::Ten
 // G_id = dL/du_id = g_mean_d / n + g_var_d * 2 (u_id - m_d) / n = alpha_d + beta_d u_id, with
 // alpha_d = (g_mean_d - 2 g_var_d m_d) / n and beta_d = 2 g_var_d / n shared by the n rows of a column;
 // the norm's own gradient adds g_r_i x_id / r_i.
+//
+// The loops below take raw pointers (no closure state) so that they vectorize.
+
+// alpha and beta of one batch element's d columns (gm, gv: its rows of the gradients, or null).
+template <typename A>
+void column_coefficients(const A* gm, const A* gv, const A* m, int64_t d, A inv_n, A* alpha, A* beta) {
+  if (gm) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) alpha[k] = gm[k] * inv_n;
+  } else {
+    std::fill(alpha, alpha + d, A(0));
+  }
+  if (gv) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) {
+      beta[k] = A(2) * gv[k] * inv_n;
+      alpha[k] -= beta[k] * m[k];
+    }
+  } else {
+    std::fill(beta, beta + d, A(0));
+  }
+}
+
+// sum_k (alpha_k + beta_k u_k) x_k with u = x ir: <G_i, x_i> of an unscaled row (times ir it is <G_i, u_i>).
+template <typename A>
+A coefficient_dot(const A* alpha, const A* beta, const A* xi, A ir, int64_t len) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * ir) * xi[k];
+  return s;
+}
+
+// dst = (G - c u) / r + g_r u of an unscaled row, with u = x ir: G ir + x_coef x, x_coef = (g_r - c ir) ir.
+template <typename T, typename A>
+void write_unscaled_row(T* dst, const A* alpha, const A* beta, const A* xi, A ir, A x_coef, int64_t len) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) dst[k] = store_as<T>((alpha[k] + beta[k] * xi[k] * ir) * ir + x_coef * xi[k]);
+}
+
 template <typename T>
 void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& mean,
                                   const at::Tensor* g_r, const at::Tensor* g_mean, const at::Tensor* g_var,
@@ -219,23 +270,10 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
   const A inv_n = A(1) / static_cast<A>(n);
   const A eps_a = static_cast<A>(eps);
   at::parallel_for(0, B, batch_grain(n, d), [&](int64_t begin, int64_t end) {
-    std::vector<A> tile(n * kTile), alpha(kTile), beta(kTile), inv_r(n), scale(n);
+    std::vector<A> tile(n * kTile), alpha_buf(d), beta_buf(d), inv_r(n), scale(n);
     std::vector<double> c(n);
-    // alpha and beta for columns [d0, d0 + len) of batch element b.
-    auto column_coefficients = [&](int64_t b, int64_t d0, int64_t len) {
-      const A* m = m_in + b * d + d0;
-      for (int64_t k = 0; k < len; ++k) alpha[k] = gm_in ? gm_in[b * d + d0 + k] * inv_n : A(0);
-      if (gv_in) {
-        const A* gv = gv_in + b * d + d0;
-#pragma omp simd
-        for (int64_t k = 0; k < len; ++k) {
-          beta[k] = A(2) * gv[k] * inv_n;
-          alpha[k] -= beta[k] * m[k];
-        }
-      } else {
-        std::fill(beta.begin(), beta.begin() + len, A(0));
-      }
-    };
+    A* const alpha = alpha_buf.data();
+    A* const beta = beta_buf.data();
     for (int64_t b = begin; b < end; ++b) {
       const A* rb = r_in + b * n;
       std::fill(c.begin(), c.end(), 0.0);
@@ -252,22 +290,24 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
           scale[i] = A(1);
         }
       }
+      column_coefficients(gm_in ? gm_in + b * d : nullptr, gv_in ? gv_in + b * d : nullptr, m_in + b * d, d,
+                          inv_n, alpha, beta);
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 1: c_i = <G_i, u_i>
         const int64_t len = std::min(kTile, d - d0);
-        load_tile(rows, b, n, d0, len, tile.data());
-        column_coefficients(b, d0, len);
+        int64_t rs;
+        const A* t = tile_rows(rows, b, n, d0, len, tile.data(), &rs);
+        const A* al = alpha + d0;
+        const A* be = beta + d0;
         for (int64_t i = 0; i < n; ++i) {
-          const A* xi = tile.data() + i * len;
+          const A* xi = t + i * rs;
           const A ir = inv_r[i], sc = scale[i];
-          A s = 0;
           if (sc == A(1)) {
-#pragma omp simd reduction(+ : s)
-            for (int64_t k = 0; k < len; ++k) s += (alpha[k] + beta[k] * xi[k] * ir) * xi[k];
-            c[i] += static_cast<double>(s) * static_cast<double>(ir);
+            c[i] += static_cast<double>(coefficient_dot(al, be, xi, ir, len)) * static_cast<double>(ir);
           } else {  // u = (s x) / ||s x||
+            A s = 0;
             for (int64_t k = 0; k < len; ++k) {
               const A u = (xi[k] * sc) * ir;
-              s += (alpha[k] + beta[k] * u) * u;
+              s += (al[k] + be[k] * u) * u;
             }
             c[i] += static_cast<double>(s);
           }
@@ -275,25 +315,24 @@ void column_stats_pullback_kernel(const at::Tensor& x, const at::Tensor& r, cons
       }
       for (int64_t d0 = 0; d0 < d; d0 += kTile) {  // pass 2: write dX
         const int64_t len = std::min(kTile, d - d0);
-        load_tile(rows, b, n, d0, len, tile.data());
-        column_coefficients(b, d0, len);
+        int64_t rs;
+        const A* t = tile_rows(rows, b, n, d0, len, tile.data(), &rs);
+        const A* al = alpha + d0;
+        const A* be = beta + d0;
         for (int64_t i = 0; i < n; ++i) {
-          const A* xi = tile.data() + i * len;
+          const A* xi = t + i * rs;
           const A ir = inv_r[i], sc = scale[i];  // ir = 0 below the floor: the whole row gets 0
           const A gr = gr_in ? gr_in[b * n + i] : A(0);
           T* dst = out + (b * n + i) * d + d0;
           if (sc == A(1)) {
             // (G - c u) / r + g_r u with u = x / r; the x terms share one coefficient.
             const A cu = static_cast<A>(c[i]) * ir;
-            const A x_coef = (gr - cu) * ir;
-#pragma omp simd
-            for (int64_t k = 0; k < len; ++k)
-              dst[k] = store_as<T>((alpha[k] + beta[k] * xi[k] * ir) * ir + x_coef * xi[k]);
+            write_unscaled_row(dst, al, be, xi, ir, (gr - cu) * ir, len);
           } else {  // 1 / r = s / ||y||, applied last: s / ||y|| may not be representable
             const A ci = static_cast<A>(c[i]);
             for (int64_t k = 0; k < len; ++k) {
               const A u = (xi[k] * sc) * ir;
-              dst[k] = store_as<T>(((alpha[k] + beta[k] * u - ci * u) * ir) * sc + gr * u);
+              dst[k] = store_as<T>(((al[k] + be[k] * u - ci * u) * ir) * sc + gr * u);
             }
           }
         }

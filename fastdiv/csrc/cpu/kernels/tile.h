@@ -100,6 +100,22 @@ inline void load_tile(const Rows<T>& x, int64_t b, int64_t n, int64_t d0, int64_
   }
 }
 
+// Columns [d0, d0 + len) of the n rows of batch element b in the accumulation type: X itself when it
+// already has that type (no staging copy), else converted into tile. Returns row 0; rows are
+// *row_stride apart.
+template <typename T>
+inline const acc_t<T>* tile_rows(const Rows<T>& x, int64_t b, int64_t n, int64_t d0, int64_t len,
+                                 acc_t<T>* tile, int64_t* row_stride) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    *row_stride = x.stride_n;
+    return x.row(b, 0) + d0;
+  } else {
+    load_tile(x, b, n, d0, len, tile);
+    *row_stride = len;
+    return tile;
+  }
+}
+
 template <typename A>
 inline A dot(const A* a, const A* b, int64_t len) {
   A s = 0;
