@@ -2,4 +2,6 @@
 // NEON on aarch64), so they run on every CPU the library loads on.
 #define FASTDIV_ISA isa_default
 #define FASTDIV_ISA_NAME "default"
+#define FASTDIV_ISA_VECTOR_BYTES 16  // register blocking: cpu/kernels/tile.h
+#define FASTDIV_ISA_VECTOR_REGISTERS 16
 #include "cpu/kernels/variant.h"

@@ -9,6 +9,8 @@
 #endif
 #define FASTDIV_ISA isa_avx2
 #define FASTDIV_ISA_NAME "avx2"
+#define FASTDIV_ISA_VECTOR_BYTES 32  // register blocking: cpu/kernels/tile.h
+#define FASTDIV_ISA_VECTOR_REGISTERS 16
 #include "cpu/kernels/variant.h"
 #if defined(__clang__)
 #pragma clang attribute pop

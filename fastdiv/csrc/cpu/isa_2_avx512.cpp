@@ -12,6 +12,8 @@
 #endif
 #define FASTDIV_ISA isa_avx512
 #define FASTDIV_ISA_NAME "avx512"
+#define FASTDIV_ISA_VECTOR_BYTES 64  // register blocking: cpu/kernels/tile.h
+#define FASTDIV_ISA_VECTOR_REGISTERS 32
 #include "cpu/kernels/variant.h"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -16,20 +16,21 @@ namespace fastdiv::cpu::FASTDIV_ISA {
 
 namespace gram_impl {
 
-// Dots of row xi with up to four rows at once: xi is loaded once per four FMAs (1.25 loads per FMA
-// instead of 2), which is what keeps the Gram under the memory time for n >= 8.
+// Dots of two rows xa, xb with four rows x0..x3 at once: eight independent accumulators (enough to hide
+// the FMA latency on two FMA ports) and 6 loads per 8 FMAs (one dot at a time needs 2 per FMA), which is
+// what keeps the Gram under the memory time for n >= 8.
 template <typename A>
-inline void dot4(const A* xi, const A* x0, const A* x1, const A* x2, const A* x3, int64_t len, double* out) {
-  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+inline void dot2x4(const A* xa, const A* xb, const A* x0, const A* x1, const A* x2, const A* x3, int64_t len,
+                   double* out_a, double* out_b) {
+  A a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
   for (int64_t k = 0; k < len; ++k) {
-    const A v = xi[k];
-    s0 += v * x0[k];
-    s1 += v * x1[k];
-    s2 += v * x2[k];
-    s3 += v * x3[k];
+    const A va = xa[k], vb = xb[k], w0 = x0[k], w1 = x1[k], w2 = x2[k], w3 = x3[k];
+    a0 += va * w0, a1 += va * w1, a2 += va * w2, a3 += va * w3;
+    b0 += vb * w0, b1 += vb * w1, b2 += vb * w2, b3 += vb * w3;
   }
-  out[0] += s0, out[1] += s1, out[2] += s2, out[3] += s3;
+  out_a[0] += a0, out_a[1] += a1, out_a[2] += a2, out_a[3] += a3;
+  out_b[0] += b0, out_b[1] += b1, out_b[2] += b2, out_b[3] += b3;
 }
 
 // Accumulates the raw Gram of batch element b into S (n x n, double) and row l1 norms into l1.
@@ -45,14 +46,35 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
     const int64_t len = std::min(kTile, d - d0);
     int64_t rs;
     const A* t = tile_rows(x, b, n, d0, len, tile, &rs);
-    for (int64_t i = 0; i < n; ++i) {
-      const A* xi = t + i * rs;
-      double* Si = S + i * n;  // row i, columns j <= i
-      int64_t j = diagonal_only ? i : 0;
-      for (; j + 4 <= i + 1; j += 4)
-        dot4(xi, t + j * rs, t + (j + 1) * rs, t + (j + 2) * rs, t + (j + 3) * rs, len, Si + j);
-      for (; j <= i; ++j) Si[j] += static_cast<double>(dot(xi, t + j * rs, len));
-      if (l1) l1[i] += static_cast<double>(abs_sum(xi, len));
+    if (l1)
+      for (int64_t i = 0; i < n; ++i) l1[i] += static_cast<double>(abs_sum(t + i * rs, len));
+    if (diagonal_only) {
+      for (int64_t i = 0; i < n; ++i) S[i * n + i] += static_cast<double>(dot(t + i * rs, t + i * rs, len));
+      continue;
+    }
+    // Rows i, i + 1 against columns j <= i + 1, four at a time. A block may reach past the diagonal (S[i][i +
+    // 1]); entries above the diagonal are overwritten from below it at the end.
+    for (int64_t i = 0; i < n; i += 2) {
+      const bool pair = i + 1 < n;
+      const A* xa = t + i * rs;
+      const A* xb = pair ? xa + rs : xa;
+      const int64_t last = pair ? i + 1 : i;
+      double* Sa = S + i * n;
+      double* Sb = pair ? Sa + n : Sa;
+      int64_t j = 0;
+      for (; j + 4 <= last + 1; j += 4) {
+        const A* xj = t + j * rs;
+        if (pair) {
+          dot2x4(xa, xb, xj, xj + rs, xj + 2 * rs, xj + 3 * rs, len, Sa + j, Sb + j);
+        } else {  // odd n, last row: its four dots twice would add them twice
+          for (int64_t c = 0; c < 4; ++c) Sa[j + c] += static_cast<double>(dot(xa, xj + c * rs, len));
+        }
+      }
+      for (; j <= last; ++j) {
+        const A* xj = t + j * rs;
+        if (j <= i) Sa[j] += static_cast<double>(dot(xa, xj, len));
+        if (pair) Sb[j] += static_cast<double>(dot(xb, xj, len));
+      }
     }
   }
   for (int64_t i = 0; i < n; ++i)
@@ -190,50 +212,68 @@ void gram_kernel(const at::Tensor& x, at::Tensor& s, at::Tensor& l1) {
   });
 }
 
-// Output rows i0..i0+kRows-1 of dX = A X + beta ⊙ sign(X) for the columns of one tile. A block of
+// Output rows i0..i0+kRows-1 of dX = A X + beta ⊙ sign(X) for kVec columns k0.. of one tile. A block of
 // kRows x kVec accumulators lives in registers across the whole j loop, so each x_j value loaded from
-// the tile feeds kRows FMAs and nothing is re-stored until the block is done.
+// the tile feeds kRows FMAs and nothing is re-stored until the block is done. The block is four rows by
+// two vectors of the variant (8 registers: a 4 x 32 fp32 block, right for AVX-512, needs all 16 ymm of
+// AVX2 and spilled there), leaving registers for the x_j loads and the broadcast coefficients. Eight rows
+// on AVX-512 measured slower: n = 10 then pads its second block from 2 rows to 8.
+template <typename A>
+constexpr int64_t kPullbackVec = 2 * kVectorBytes / static_cast<int64_t>(sizeof(A));
 constexpr int64_t kRows = 4;
-constexpr int64_t kVec = 32;
 
 // tile points at row 0 of the columns, rows row_stride apart (the tile buffer, or X itself when it
 // already has the accumulation type).
 // row_scale (nullable): the factor of each output row (1 when null).
 template <typename T, typename A>
-inline void pullback_rows(const A* tile, int64_t row_stride, int64_t len, int64_t n, int64_t i0, const A* ab,
-                          const A* beta, const A* row_scale, T* out, int64_t d, int64_t d0) {
+inline void pullback_block(const A* tile, int64_t row_stride, int64_t n, int64_t i0, int64_t k0, const A* ab,
+                           const A* beta, const A* row_scale, T* out, int64_t d, int64_t d0) {
+  constexpr int64_t kVec = kPullbackVec<A>;
   const int64_t rows = std::min(kRows, n - i0);
   A coef[kRows], bet[kRows], rsc[kRows];
   const A* xr[kRows];
   for (int64_t r = 0; r < kRows; ++r) {
-    xr[r] = tile + std::min(i0 + r, n - 1) * row_stride;  // padded rows read a valid row, are not stored
+    xr[r] = tile + std::min(i0 + r, n - 1) * row_stride + k0;  // padded rows read a valid row
     bet[r] = (r < rows && beta) ? beta[i0 + r] : A(0);
     rsc[r] = (r < rows && row_scale) ? row_scale[i0 + r] : A(1);
   }
-  int64_t k0 = 0;
-  for (; k0 + kVec <= len; k0 += kVec) {
-    A acc[kRows][kVec];
+  A acc[kRows][kVec];
+  for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+    for (int64_t v = 0; v < kVec; ++v) acc[r][v] = bet[r] * sign(xr[r][v]);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t r = 0; r < kRows; ++r) coef[r] = r < rows ? ab[(i0 + r) * n + j] : A(0);
+    const A* xj = tile + j * row_stride + k0;
     for (int64_t r = 0; r < kRows; ++r)
 #pragma omp simd
-      for (int64_t v = 0; v < kVec; ++v) acc[r][v] = bet[r] * sign(xr[r][k0 + v]);
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t r = 0; r < kRows; ++r) coef[r] = r < rows ? ab[(i0 + r) * n + j] : A(0);
-      const A* xj = tile + j * row_stride + k0;
-      for (int64_t r = 0; r < kRows; ++r)
-#pragma omp simd
-        for (int64_t v = 0; v < kVec; ++v) acc[r][v] += coef[r] * xj[v];
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      T* dst = out + (i0 + r) * d + d0 + k0;
-#pragma omp simd
-      for (int64_t v = 0; v < kVec; ++v) dst[v] = store_as<T>(acc[r][v] * rsc[r]);
-    }
+      for (int64_t v = 0; v < kVec; ++v) acc[r][v] += coef[r] * xj[v];
   }
-  for (int64_t r = 0; r < rows; ++r) {  // columns past the last full kVec block
+  for (int64_t r = 0; r < rows; ++r) {  // padded rows are not stored
+    T* dst = out + (i0 + r) * d + d0 + k0;
+#pragma omp simd
+    for (int64_t v = 0; v < kVec; ++v) dst[v] = store_as<T>(acc[r][v] * rsc[r]);
+  }
+}
+
+// dX for the columns [d0, d0 + len) of one tile: a block of kRows rows along the whole tile before the
+// next rows (kVec columns at a time), then the columns past the last full kVec block, plainly. Rows
+// outermost keeps each output row one long write stream; walking all rows of each kVec slice first
+// (so the slice stays in L1) interleaves n short streams and measured 2x slower.
+template <typename T, typename A>
+inline void pullback_tile(const A* tile, int64_t row_stride, int64_t len, int64_t n, const A* ab, const A* beta,
+                          const A* row_scale, T* out, int64_t d, int64_t d0) {
+  constexpr int64_t kVec = kPullbackVec<A>;
+  const int64_t full = len - len % kVec;
+  for (int64_t i0 = 0; i0 < n; i0 += kRows)
+    for (int64_t k0 = 0; k0 < full; k0 += kVec)
+      pullback_block(tile, row_stride, n, i0, k0, ab, beta, row_scale, out, d, d0);
+  const int64_t k0 = full;
+  for (int64_t i = 0; i < n; ++i) {
+    const A bet = beta ? beta[i] : A(0), rsc = row_scale ? row_scale[i] : A(1);
     for (int64_t k = k0; k < len; ++k) {
-      A o = bet[r] * sign(xr[r][k]);
-      for (int64_t j = 0; j < n; ++j) o += ab[(i0 + r) * n + j] * tile[j * row_stride + k];
-      out[(i0 + r) * d + d0 + k] = store_as<T>(o * rsc[r]);
+      A o = bet * sign(tile[i * row_stride + k]);
+      for (int64_t j = 0; j < n; ++j) o += ab[i * n + j] * tile[j * row_stride + k];
+      out[i * d + d0 + k] = store_as<T>(o * rsc);
     }
   }
 }
@@ -296,8 +336,7 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
         const int64_t len = std::min(kTile, d - d0);
         int64_t row_stride;
         const A* base = tile_rows(rows, b, n, d0, len, tile.data(), &row_stride);
-        for (int64_t i0 = 0; i0 < n; i0 += kRows)
-          pullback_rows(base, row_stride, len, n, i0, ab, bb, rs, out + b * n * d, d, d0);
+        pullback_tile(base, row_stride, len, n, ab, bb, rs, out + b * n * d, d, d0);
       }
     }
   });

@@ -21,6 +21,13 @@
 
 namespace fastdiv::cpu::FASTDIV_ISA {
 
+// The variant's vector registers (cpu/isa_*.cpp; #pragma GCC target does not define __AVX2__ and the like):
+// their width in bytes and how many there are (16 xmm without AVX, 16 ymm with AVX2, 32 zmm with AVX-512).
+// Register-blocked loops size their accumulator blocks from these so that the block, the values it
+// multiplies and the loads fit without spilling.
+constexpr int64_t kVectorBytes = FASTDIV_ISA_VECTOR_BYTES;
+constexpr int64_t kVectorRegisters = FASTDIV_ISA_VECTOR_REGISTERS;
+
 // Half-precision inputs accumulate in fp32; fp64 inputs accumulate in fp64.
 template <typename T> struct AccType { using type = float; };
 template <> struct AccType<double> { using type = double; };

@@ -9,8 +9,9 @@
 // tests/test_cpu_dispatch.py checks the built library for AVX instructions outside the variants.
 #pragma once
 
-#if !defined(FASTDIV_ISA) || !defined(FASTDIV_ISA_NAME)
-#error "define FASTDIV_ISA (the variant's namespace) and FASTDIV_ISA_NAME before including cpu/kernels/variant.h"
+#if !defined(FASTDIV_ISA) || !defined(FASTDIV_ISA_NAME) || !defined(FASTDIV_ISA_VECTOR_BYTES) || \
+    !defined(FASTDIV_ISA_VECTOR_REGISTERS)
+#error "define FASTDIV_ISA (the variant's namespace), FASTDIV_ISA_NAME, FASTDIV_ISA_VECTOR_BYTES and FASTDIV_ISA_VECTOR_REGISTERS before including cpu/kernels/variant.h"
 #endif
 
 #include "cpu/kernels/eot.cpp"
