@@ -88,7 +88,8 @@ def fastdiv_machine_info(config) -> dict:
         "fastdiv": getattr(fastdiv, "__version__", None),
         "fastdiv_info": fastdiv.info(),
         "command": "python -m pytest " + " ".join(config.invocation_params.args),
-        "bench_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTDIV_")},
+        "bench_env": {k: v for k, v in sorted(os.environ.items())
+                      if k.startswith("FASTDIV_") or k == "ATEN_CPU_CAPABILITY"},
     }
     copy = getattr(config, "_fastdiv_copy_bandwidth", None)
     if copy is not None:

@@ -94,6 +94,11 @@ def header(machine: dict, commit: dict, rows: list[dict]) -> list[str]:
         ("python", machine.get("python_version", "?")),
         ("fastdiv", f"{fd.get('fastdiv', '?')}, commit {rev}"),
     ]
+    kernels = (fd.get("fastdiv_info") or {}).get("cpu_kernels")
+    if kernels:
+        forced = (fd.get("bench_env") or {}).get("FASTDIV_CPU_CAPABILITY")
+        items.append(("fastdiv CPU kernels", f"{kernels}" + (f" (forced: FASTDIV_CPU_CAPABILITY={forced})" if forced
+                                                            else " (the best this CPU supports)")))
     if fd.get("copy_GBps"):
         items.append(("copy bandwidth", (
             f"{fd['copy_GBps']:.1f} GB/s: torch `copy_` of a {fd['copy_buffer_MiB']} MiB fp32 buffer, best of "

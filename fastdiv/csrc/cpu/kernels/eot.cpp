@@ -2,9 +2,10 @@
 // optional MI-FGSM momentum, step, projection onto the eps-ball around x0 and clamp to [lo, hi].
 //
 // One batch element per iteration. The mean gradient (then the momentum) lives in a D-long acc
-// buffer, so grads is read once whatever the norm: l_inf needs nothing else; the l2 norm of the
-// direction and of the stepped offset (which depends on that norm) are reduced over the buffer while it
-// is still in cache. Reductions of norms run in double per tile, as rows.cpp does.
+// buffer, so grads is read once whatever the norm: l_inf needs nothing else; l2 sums the direction's
+// norm while it forms the mean, then makes one pass for the norm of the stepped offset (which depends on
+// the direction's norm) and one to write, both over the buffer while it is still in cache. Norms are
+// reduced in the accumulation type per block or tile and in double across them, as rows.cpp does.
 //
 // NaN/Inf propagate: sign(NaN) = NaN, and the clamps below pass NaN through (std::clamp does not
 // promise to), so a NaN gradient poisons only its own example.
@@ -51,6 +52,43 @@ double sum_abs(const A* v, int64_t d) {
   return s;
 }
 
+// The l2 step's offset delta_k = (x_k + a v_k inv) - x0_k: one definition for both passes below.
+template <typename T, typename A>
+inline A l2_offset(const T* x, const T* x0, const A* v, A a, A inv, int64_t k) {
+  return (load_as<A>(x[k]) + a * (v[k] * inv)) - load_as<A>(x0[k]);
+}
+
+// ||delta||^2, per tile in A and across tiles in double (as the other norms here). Raw pointers, no closure:
+// the loops vectorize.
+template <typename T, typename A>
+double l2_offset_sumsq(const T* x, const T* x0, const A* v, A a, A inv, int64_t d) {
+  double s = 0;
+  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
+    const int64_t end = std::min(kTile, d - d0) + d0;
+    A t = 0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t k = d0; k < end; ++k) {
+      const A delta = l2_offset(x, x0, v, a, inv, k);
+      t += delta * delta;
+    }
+    s += static_cast<double>(t);
+  }
+  return s;
+}
+
+// out = clamp(x0 + delta f) (the clamp only with clip).
+template <typename T, typename A>
+void l2_write(const T* x, const T* x0, const A* v, A a, A inv, A f, bool clip, A lo, A hi, T* out, int64_t d) {
+  if (clip) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k)
+      out[k] = store_as<T>(clamp_nan(load_as<A>(x0[k]) + l2_offset(x, x0, v, a, inv, k) * f, lo, hi));
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) out[k] = store_as<T>(load_as<A>(x0[k]) + l2_offset(x, x0, v, a, inv, k) * f);
+  }
+}
+
 template <typename T>
 void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, const at::Tensor& alpha,
                 const at::Tensor& eps, bool l2, double lo, double hi, bool clip, const at::Tensor* m,
@@ -89,6 +127,10 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
       // Mean gradient, kVec columns at a time summed over the n rows in registers (the buffer is not
       // re-streamed once per row). Rows are added in order, as the reference does: the sign of a
       // near-zero sum must not depend on the backend.
+      // l2 without momentum: ||mean||^2 is summed here, per kVec block in A and across blocks in double, so
+      // the direction needs no pass of its own.
+      const bool l2_sq_here = l2 && !mp;
+      double vsq = 0;
       int64_t k0 = 0;
       for (; k0 + kVec <= d; k0 += kVec) {
         A acc[kVec];
@@ -104,14 +146,25 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
 #pragma omp simd
           for (int64_t j = 0; j < kVec; ++j) linf_out(k0 + j, acc[j] / n_a);
         } else {
-#pragma omp simd
-          for (int64_t j = 0; j < kVec; ++j) v[k0 + j] = acc[j] / n_a;
+          A block_sq = 0;
+#pragma omp simd reduction(+ : block_sq)
+          for (int64_t j = 0; j < kVec; ++j) {
+            const A mean = acc[j] / n_a;
+            v[k0 + j] = mean;
+            block_sq += mean * mean;
+          }
+          vsq += static_cast<double>(block_sq);
         }
       }
       for (; k0 < d; ++k0) {  // the last d % kVec columns
         A s = load_as<A>(rows.row(b, 0)[k0]);
         for (int64_t i = 1; i < n; ++i) s += load_as<A>(rows.row(b, i)[k0]);
-        if (direct) linf_out(k0, s / n_a); else v[k0] = s / n_a;
+        if (direct) {
+          linf_out(k0, s / n_a);
+        } else {
+          v[k0] = s / n_a;
+          vsq += static_cast<double>(v[k0] * v[k0]);
+        }
       }
       if (direct) continue;
       if (mp) {  // MI-FGSM: m <- decay m + g / ||g||_1
@@ -129,18 +182,14 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
         for (int64_t k = 0; k < d; ++k) linf_out(k, v[k]);
         continue;
       }
-      const A inv = inv_or_zero<A>(std::sqrt(sum_sq(v, d)));
-#pragma omp simd
-      for (int64_t k = 0; k < d; ++k) v[k] = (load_as<A>(xb[k]) + a * (v[k] * inv)) - load_as<A>(x0b[k]);
-      const double norm = std::sqrt(sum_sq(v, d));
+      if (!l2_sq_here) vsq = sum_sq(v, d);
+      const A inv = inv_or_zero<A>(std::sqrt(vsq));
+      // the stepped offset delta = (x + a v / ||v||) - x0 and its norm, then the write of x0 + delta f: delta
+      // is formed in both passes (the same expression, so the same values) instead of stored and re-read
+      const double norm = std::sqrt(l2_offset_sumsq(xb, x0b, v, a, inv, d));
       // scale delta by min(1, eps / ||delta||); a zero (or NaN) norm leaves it unchanged
       const A f = norm > static_cast<double>(e) ? static_cast<A>(static_cast<double>(e) / norm) : A(1);
-#pragma omp simd
-      for (int64_t k = 0; k < d; ++k) {
-        A y = load_as<A>(x0b[k]) + v[k] * f;
-        if (clip) y = clamp_nan(y, lo_a, hi_a);
-        ob[k] = store_as<T>(y);
-      }
+      l2_write(xb, x0b, v, a, inv, f, clip, lo_a, hi_a, ob, d);
     }
   });
 }
