@@ -20,7 +20,12 @@ struct Variant {
   bool (*supported)();
 };
 
-#if defined(__x86_64__) && defined(__GNUC__)
+// FASTDIV_NO_AVX_VARIANTS: a build of the default variant alone (CMake's FASTDIV_AVX_VARIANTS=OFF).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTDIV_NO_AVX_VARIANTS)
+#define FASTDIV_HAS_AVX_VARIANTS 1
+#endif
+
+#if FASTDIV_HAS_AVX_VARIANTS
 // The CPUID bits and, through libgcc, the OS's XSAVE support of the ymm / zmm state.
 bool has_avx2() {
   __builtin_cpu_init();
@@ -39,7 +44,7 @@ bool always() { return true; }
 const std::vector<Variant>& variants() {
   static const std::vector<Variant> all = {
       {&isa_default::kernel_table, &always},
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FASTDIV_HAS_AVX_VARIANTS
       {&isa_avx2::kernel_table, &has_avx2},
       {&isa_avx512::kernel_table, &has_avx512},
 #endif
