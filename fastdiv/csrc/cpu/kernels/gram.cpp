@@ -153,12 +153,7 @@ bool row_scales(const Rows<T>& x, int64_t b, int64_t n, int64_t d, const double*
   if (!suspect) return false;
   bool any = false;
   for (int64_t i = 0; i < n; ++i) {
-    const T* xi = x.row(b, i);
-    double m = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const double a = std::abs(static_cast<double>(load_as<acc_t<T>>(xi[k])));
-      m = (a > m || a != a) ? a : m;  // a NaN sticks (no later a compares greater than it)
-    }
+    const double m = row_max_abs(x.row(b, i), d);
     scale[i] = m;  // the maximum, until the scales are known to be needed
     any |= heads::needs_scale(m, wide);
   }

@@ -44,12 +44,7 @@ constexpr bool kWide = std::is_same_v<acc_t<T>, double>;
 template <typename T>
 RowNorm scaled_row_norm(const T* row, int64_t d, double eps, const T* grad = nullptr, double* grad_dot = nullptr) {
   using A = acc_t<T>;
-  double m = 0;
-  for (int64_t k = 0; k < d; ++k) {
-    const double a = std::abs(static_cast<double>(load_as<A>(row[k])));
-    m = (a > m || a != a) ? a : m;  // a NaN sticks
-  }
-  const double s = heads::row_scale(m, kWide<T>);
+  const double s = heads::row_scale(row_max_abs(row, d), kWide<T>);
   double ss = 0, gy = 0;
   for (int64_t k = 0; k < d; ++k) {
     const double y = static_cast<double>(load_as<A>(row[k])) * s;

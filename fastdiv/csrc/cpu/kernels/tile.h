@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -94,6 +95,18 @@ inline T store_as(A v) {
   } else {
     return static_cast<T>(v);
   }
+}
+
+// The largest |x_k| of one row of d values, in double (the row scales of head_math.h start from it); a NaN
+// sticks: no later value compares greater than it.
+template <typename T>
+double row_max_abs(const T* row, int64_t d) {
+  double m = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double a = std::abs(static_cast<double>(load_as<acc_t<T>>(row[k])));
+    m = (a > m || a != a) ? a : m;
+  }
+  return m;
 }
 
 // Copies columns [d0, d0 + len) of the n rows of batch element b into buf (row-major n x len).
