@@ -14,6 +14,8 @@ from fastdiv.presets import DATASET_NAMES, PRESETS, Preset, format_presets
 from fastdiv.train import (
     TrainConfig,
     TrainingDiverged,
+    best_from_epoch,
+    build_model_from_config,
     lambda_at,
     load_run,
     parse_reg,
@@ -187,6 +189,54 @@ def test_lambda_schedule():
     assert lambda_at(1.0, 0.5, 1, 0) == 0.5
 
 
+def test_best_pt_is_chosen_after_the_lambda_schedule():
+    def first(**kw):
+        return best_from_epoch(TrainConfig(**{"epochs": 20, **kw}))
+
+    assert first() == 1  # no regularizer
+    assert first(reg="kappa", lam=1.0, warmup=4, rampup=8) == 12
+    assert first(reg="kappa", lam=1.0, warmup=1, rampup=1.5) == 3  # the first epoch that ends at the full lambda
+    assert first(reg="kappa", lam=1.0) == 1  # no schedule
+    assert first(reg="kappa", lam=0.0, warmup=4) == 1  # lambda 0: the regularizer never acts
+    assert first(reg="kappa", lam=1.0, warmup=30, rampup=8) == 20  # never past the last epoch
+    assert first(reg="kappa", lam=1.0, warmup=4, rampup=8, best_from=2) == 2  # --best-from wins
+    with pytest.raises(ValueError, match="best_from"):
+        TrainConfig(best_from=0).validate()
+
+
+def test_sigma_lr_puts_the_posterior_log_sigma_in_its_own_group():
+    from fastdiv.train.run_setup import parameter_groups
+
+    model = build_model_from_config(resolve_config({"preset": "advbnn", "dataset": "synthetic"}), (1, 8, 8), 10)
+    names = [n for n, _ in model.named_parameters()]
+    sigma = {n for n in names if n.endswith("_log_sigma")}
+    assert sigma and len(sigma) < len(names)
+    assert len(parameter_groups(model, None)) == 1
+    groups = parameter_groups(model, 0.05)
+    assert [len(g["params"]) for g in groups] == [len(names) - len(sigma), len(sigma)]
+    assert "lr" not in groups[0] and groups[1]["lr"] == 0.05
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for n, p in model.named_parameters() if n in sigma}
+    # a deterministic model has no log sigma: one group whatever sigma_lr says
+    plain = build_model_from_config(resolve_config({"preset": "ensemble", "dataset": "synthetic"}), (1, 8, 8), 10)
+    assert len(parameter_groups(plain, 0.05)) == 1
+    with pytest.raises(ValueError, match="sigma_lr"):
+        TrainConfig(sigma_lr=0.0).validate()
+
+
+def test_sigma_lr_lets_the_posterior_std_move(tmp_path):
+    """The same steps with sigma_lr = 100 x lr move log sigma (which starts at log sigma0) much further."""
+    base = {"preset": "advbnn", **TINY, "epochs": 1, "adv_steps": 1, "lr": 1e-4}
+    slow = train({**base, "out": str(tmp_path / "slow")}, quiet=True)
+    fast = train({**base, "sigma_lr": 1e-2, "out": str(tmp_path / "fast")}, quiet=True)
+
+    def moved(run):
+        model, config = load_run(run, which="last")
+        start = math.log(config["sigma0"])
+        return max((p - start).abs().max().item() for n, p in model.named_parameters() if n.endswith("_log_sigma"))
+
+    assert 0 < 30 * moved(slow) < moved(fast)
+
+
 # ------------------------------------------------------------------------------------------------
 # runs
 # ------------------------------------------------------------------------------------------------
@@ -237,8 +287,10 @@ def test_checkpoints_load_with_weights_only(kappa_run):
     assert ckpt["epoch"] == 3 and ckpt["step_in_epoch"] == 0 and ckpt["global_step"] == 6
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "best"}
     lines = [json.loads(x) for x in (kappa_run / "metrics.jsonl").read_text().splitlines()]
-    best_line = max(lines, key=lambda r: r["val_acc"])
-    assert best["epoch"] == ckpt["best"]["epoch"] == best_line["epoch"]
+    # warm-up 1 + ramp-up 1.5 epochs: only epoch 3 ends at the full lambda, so it is best.pt whatever its accuracy
+    best_line = max((r for r in lines if r["epoch"] >= 3), key=lambda r: r["val_acc"])
+    assert best["epoch"] == ckpt["best"]["epoch"] == best_line["epoch"] == 3
+    assert [r["best"] for r in lines] == [False, False, True]
     assert best["val_acc"] == pytest.approx(best_line["val_acc"])
     model, config = load_run(kappa_run, which="last")
     for k, v in model.state_dict().items():
@@ -327,7 +379,7 @@ def test_graddiv_lowers_held_out_concentration(tmp_path):
     reg = train({**common, "lam": 1.0, "out": str(tmp_path / "lam1")}, quiet=True)
     m0 = [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()]
     m1 = [json.loads(x) for x in (reg / "metrics.jsonl").read_text().splitlines()]
-    drop = ("time_s", "train_time_s")
+    drop = ("time_s", "train_time_s", "best")  # best.pt: any epoch of the lambda 0 run, epochs 3-4 of the other
     assert {k: v for k, v in m0[0].items() if k not in drop} == {k: v for k, v in m1[0].items() if k not in drop}
     assert m0[-1]["val_acc"] > 0.5  # the baseline learns in this setting
     assert m0[-1]["lambda"] == 0 and m1[-1]["lambda"] == 1.0

@@ -18,7 +18,8 @@ One function trains any defense of :mod:`fastdiv.presets` the way its paper did.
 
 After every epoch: validation accuracy of the defense's inference, concentration statistics of
 held-out gradients (:func:`fastdiv.concentration_stats`: rho, kappa/p, mean cos, coherence, DPP),
-``best.pt`` when the validation accuracy improved, ``checkpoint.pt`` (:mod:`fastdiv.train.store`: temp
+``best.pt`` when the validation accuracy improved (from :func:`best_from_epoch` on: not during the
+lambda warm-up and ramp-up), ``checkpoint.pt`` (:mod:`fastdiv.train.store`: temp
 file + ``os.replace``, the previous one kept as ``checkpoint.prev.pt`` until the new one is complete, both
 listed with their size and SHA-256 in ``checkpoint.sha256``), then one line of ``metrics.jsonl``.
 
@@ -29,7 +30,7 @@ Run directory::
     RUN_DIR/checkpoint.pt   model, optimizer, scheduler, position, RNG states, the metric records of the
                             completed epochs (weights_only-loadable)
     RUN_DIR/checkpoint.prev.pt  the checkpoint before it; checkpoint.sha256: the checksums of both
-    RUN_DIR/best.pt         the model of the best validation accuracy
+    RUN_DIR/best.pt         the model of the best validation accuracy (from --best-from on)
     RUN_DIR/source.pt       (ens-adv / d3-*-off) the static source model, if trained here
     RUN_DIR/offline.pt      (d3-*-off) the offline adversarial training examples
 
@@ -48,12 +49,12 @@ Distributed: ``torchrun --nproc_per_node=K -m fastdiv train ...`` (DDP; nccl on 
 # (errors, signals), cli
 from .checkpoint import CHECKPOINT_FORMAT
 from .cli import add_parser, main
-from .config import TrainConfig, lambda_at, parse_reg, resolve_config
+from .config import TrainConfig, best_from_epoch, lambda_at, parse_reg, resolve_config
 from .models import build_model_from_config, load_run
 from .stopping import TrainingDiverged, TrainingInterrupted
 from .trainer import train
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "add_parser",
+    "CHECKPOINT_FORMAT", "TrainConfig", "TrainingDiverged", "TrainingInterrupted", "add_parser", "best_from_epoch",
     "build_model_from_config", "lambda_at", "load_run", "main", "parse_reg", "resolve_config", "train",
 ]

@@ -20,7 +20,8 @@ from ..files import read_json_file
 from ..nn.models import MODELS
 from ..presets import PRESETS, TRAINABLE_DATASETS, get_preset
 
-__all__ = ["TrainConfig", "config_for_run", "lambda_at", "load_config_file", "parse_reg", "resolve_config"]
+__all__ = ["TrainConfig", "best_from_epoch", "config_for_run", "lambda_at", "load_config_file", "parse_reg",
+           "resolve_config"]
 
 #: keys of a run's ``config.json`` that are facts of the run, not settings (dropped when it is read back)
 DERIVED_KEYS = ("in_shape", "num_classes", "n_train", "fastdiv_version", "torch_version", "world_size",
@@ -85,6 +86,8 @@ class TrainConfig:
     epochs: int = _field(10, "number of epochs")
     batch_size: int = _field(128, "global batch size (split over DDP processes)")
     lr: float = _field(1e-3, "initial learning rate")
+    sigma_lr: float | None = _field(None, "initial learning rate of the Bayesian layers' posterior log sigma "
+                                    "(default --lr; decays with it)")
     momentum: float = _field(0.9, "SGD momentum")
     weight_decay: float = _field(0.0, "weight decay")
     milestones: list = _field([], "epochs at which the learning rate is multiplied by --lr-decay (e.g. 30 60)")
@@ -151,6 +154,9 @@ class TrainConfig:
                                 "(ensembles / populations: all members)", group="evaluation")
     stats_limit: int = _field(256, "held-out inputs for the concentration statistics (0: off)", group="evaluation")
     eval_rows: int = _field(2048, "rows (examples x samples) per evaluation forward", group="evaluation")
+    best_from: int | None = _field(None, "first epoch whose model may become best.pt (default: the first epoch "
+                                   "trained to its end at the full lambda, ceil(warmup + rampup), at most --epochs; "
+                                   "1 without a regularizer)", group="evaluation")
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -227,6 +233,7 @@ class TrainConfig:
         positive_int("resize", optional=True)
         positive_int("limit", optional=True)
         positive_int("source_epochs", minimum=0, optional=True)
+        positive_int("best_from", optional=True)
         number("lr", strict=True)
         for name in ("momentum", "weight_decay", "lam", "warmup", "rampup", "kl_factor", "clm_alpha", "clm_delta",
                      "dropout_s", "dropout_lambda", "dropout_alpha", "dropout_beta", "dropout_gamma"):
@@ -241,6 +248,7 @@ class TrainConfig:
         for name in ("sigma0", "sigma_init", "sigma_inner"):
             number(name, strict=True)
         number("sigma_post", strict=True, optional=True)
+        number("sigma_lr", strict=True, optional=True)
         number("grad_clip", strict=True, optional=True)
         if not isinstance(self.milestones, (list, tuple)) or any(
                 isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones):
@@ -295,6 +303,20 @@ def parse_reg(reg: str | None) -> list[tuple[str, float]]:
             raise ValueError(f"reg: the weight of {name!r} must be finite, got {weight!r}")
         terms.append((name, w))
     return terms
+
+
+def best_from_epoch(cfg: TrainConfig) -> int:
+    """The first epoch (1-based) whose model may become ``best.pt``: ``cfg.best_from`` when set, else the
+    first epoch whose last step has lambda at its target, so that the model kept was trained with the
+    whole objective and not one from the warm-up, before the regularizer acts; 1 without a regularizer.
+    Never later than the last epoch, so every run has a ``best.pt``."""
+    if cfg.best_from is not None:
+        first = cfg.best_from
+    elif parse_reg(cfg.reg) and cfg.lam > 0:
+        first = max(1, math.ceil(cfg.warmup + cfg.rampup))
+    else:
+        first = 1
+    return min(first, cfg.epochs)
 
 
 def lambda_at(t: float, target: float, warmup: float, rampup: float) -> float:

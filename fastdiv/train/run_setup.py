@@ -162,7 +162,7 @@ class RunSetup:
                 self.y_train = torch.cat([self.y_train, y_off])
         self.n_train = len(self.x_train)
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = parameter_groups(self.model, cfg.sigma_lr)
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
@@ -263,3 +263,16 @@ class RunSetup:
         self.best = ckpt.best
         self.partial = ckpt.partial
         return ckpt
+
+
+def parameter_groups(model: nn.Module, sigma_lr: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one group, or with ``sigma_lr`` a second group of the
+    Bayesian layers' posterior ``*_log_sigma`` parameters at that learning rate (the schedule scales both
+    groups alike). A run of a few hundred steps at the weights' learning rate moves log sigma by at most
+    about lr per step, too little for the posterior std to learn (docs/training.md)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    sigma = [p for name, p in named if name.endswith("_log_sigma")]
+    if sigma_lr is None or not sigma:
+        return [{"params": [p for _, p in named]}]
+    rest = [p for name, p in named if not name.endswith("_log_sigma")]
+    return [{"params": rest}, {"params": sigma, "lr": sigma_lr}]

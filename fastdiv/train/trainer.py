@@ -25,7 +25,7 @@ from ..runtime import crash_point, seed_globals
 from . import streams
 from .batches import adversarial_examples, epoch_indices, prepare_batch
 from .checkpoint import TrainingCheckpoint, append_metrics, save_best
-from .config import TrainConfig, config_for_run, lambda_at
+from .config import TrainConfig, best_from_epoch, config_for_run, lambda_at
 from .evaluation import validate
 from .run_setup import RunSetup
 from .stopping import SignalFlag, TrainingDiverged, TrainingInterrupted
@@ -144,7 +144,10 @@ class Trainer(RunSetup):
             self.signals = signals
             while self.epoch < cfg.epochs:
                 self._run_epoch(signals)
-        self.log(f"done: best val acc {self.best['val_acc']:.4f} at epoch {self.best['epoch']}; run dir {self.run_dir}")
+        first = best_from_epoch(cfg)
+        among = f" (among epochs {first}-{cfg.epochs})" if first > 1 else ""
+        self.log(f"done: best val acc {self.best['val_acc']:.4f} at epoch {self.best['epoch']}{among}; "
+                 f"run dir {self.run_dir}")
         return self.run_dir
 
     def _run_epoch(self, signals: SignalFlag) -> None:
@@ -242,7 +245,8 @@ class Trainer(RunSetup):
                 **ev,
                 "train_time_s": acc["time_s"], "time_s": acc["time_s"] + (time.perf_counter() - t_eval),
             }
-            improved = ev["val_acc"] > self.best["val_acc"]
+            # epochs before best_from (the warm-up and ramp-up of lambda) are never kept as best.pt
+            improved = epoch + 1 >= best_from_epoch(cfg) and ev["val_acc"] > self.best["val_acc"]
             record["best"] = improved
             if improved:
                 self.best = {"val_acc": ev["val_acc"], "epoch": epoch + 1}
