@@ -223,6 +223,12 @@ def test_sigma_lr_puts_the_posterior_log_sigma_in_its_own_group():
         TrainConfig(sigma_lr=0.0).validate()
 
 
+def test_dropout_rescale_reaches_the_priority_dropout():
+    for rescale in (False, True):
+        cfg = resolve_config({"preset": "lpd", "dataset": "synthetic", "dropout_rescale": rescale})
+        assert build_model_from_config(cfg, (1, 8, 8), 10).dropout.rescale is rescale
+
+
 def test_sigma_lr_lets_the_posterior_std_move(tmp_path):
     """The same steps with sigma_lr = 100 x lr move log sigma (which starts at log sigma0) much further."""
     base = {"preset": "advbnn", **TINY, "epochs": 1, "adv_steps": 1, "lr": 1e-4}

@@ -80,6 +80,8 @@ class TrainConfig:
                                   group="model")
     dropout_beta: float = _field(0.127, "priority dropout: beta (LPD floor / PDD non-priority factor)", group="model")
     dropout_gamma: float = _field(1.0, "LPD: gamma, scale of the kernel z", group="model")
+    dropout_rescale: bool = _field(False, "priority dropout: divide kept units by their keep rate in training "
+                                   "(inverted dropout; the paper does not rescale)", group="model")
 
     # -- optimization -----------------------------------------------------------------------------
     optimizer: str = _field("adam", "optimizer", choices=("adam", "sgd"))
@@ -255,7 +257,7 @@ class TrainConfig:
             raise ValueError("TrainConfig: milestones must be a list of positive epoch numbers, "
                              f"got {self.milestones!r}")
         self.milestones = sorted(int(m) for m in self.milestones)
-        for name in ("adv", "adv_random_start", "noise_aug", "resume"):
+        for name in ("adv", "adv_random_start", "noise_aug", "resume", "dropout_rescale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig: {name} must be true or false, got {getattr(self, name)!r}")
         if self.reg in ("none", ""):

@@ -58,7 +58,8 @@ def _set_posterior_std(model: nn.Module, sigma: float) -> None:
 def _priority_ensemble(c: TrainConfig, members: list[nn.Module]) -> nn.Module:
     from ..nn.dropout import PriorityDropoutEnsemble
     return PriorityDropoutEnsemble(members, kind=c.dropout, s=c.dropout_s, lam=c.dropout_lambda,
-                                   alpha=c.dropout_alpha, beta=c.dropout_beta, gamma=c.dropout_gamma)
+                                   alpha=c.dropout_alpha, beta=c.dropout_beta, gamma=c.dropout_gamma,
+                                   rescale=c.dropout_rescale)
 
 
 class MemberLogits(nn.Module):
