@@ -42,8 +42,9 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
   using A = acc_t<T>;
   std::fill(S, S + n * n, 0.0);
   if (l1) std::fill(l1, l1 + n, 0.0);
-  for (int64_t d0 = 0; d0 < d; d0 += kTile) {
-    const int64_t len = std::min(kTile, d - d0);
+  constexpr int64_t width = tile_width<T>();
+  for (int64_t d0 = 0; d0 < d; d0 += width) {
+    const int64_t len = std::min(width, d - d0);
     int64_t rs;
     const A* t = tile_rows(x, b, n, d0, len, tile, &rs);
     if (l1)
@@ -55,6 +56,7 @@ void gram_one(const Rows<T>& x, int64_t b, int64_t n, int64_t d, acc_t<T>* tile,
     // Rows i, i + 1 against columns j <= i + 1, four at a time. A block may reach past the diagonal (S[i][i +
     // 1]); entries above the diagonal are overwritten from below it at the end.
     for (int64_t i = 0; i < n; i += 2) {
+      prefetch_next_tile(x, b, n, d, d0, i, 2);
       const bool pair = i + 1 < n;
       const A* xa = t + i * rs;
       const A* xb = pair ? xa + rs : xa;
@@ -255,13 +257,15 @@ inline void pullback_block(const A* tile, int64_t row_stride, int64_t n, int64_t
 // outermost keeps each output row one long write stream; walking all rows of each kVec slice first
 // (so the slice stays in L1) interleaves n short streams and measured 2x slower.
 template <typename T, typename A>
-inline void pullback_tile(const A* tile, int64_t row_stride, int64_t len, int64_t n, const A* ab, const A* beta,
-                          const A* row_scale, T* out, int64_t d, int64_t d0) {
+inline void pullback_tile(const Rows<T>& x, int64_t b, const A* tile, int64_t row_stride, int64_t len, int64_t n,
+                          const A* ab, const A* beta, const A* row_scale, T* out, int64_t d, int64_t d0) {
   constexpr int64_t kVec = kPullbackVec<A>;
   const int64_t full = len - len % kVec;
-  for (int64_t i0 = 0; i0 < n; i0 += kRows)
+  for (int64_t i0 = 0; i0 < n; i0 += kRows) {
+    prefetch_next_tile(x, b, n, d, d0, i0, kRows);
     for (int64_t k0 = 0; k0 < full; k0 += kVec)
       pullback_block(tile, row_stride, n, i0, k0, ab, beta, row_scale, out, d, d0);
+  }
   const int64_t k0 = full;
   for (int64_t i = 0; i < n; ++i) {
     const A bet = beta ? beta[i] : A(0), rsc = row_scale ? row_scale[i] : A(1);
@@ -327,11 +331,12 @@ void pullback_kernel(const at::Tensor& x, const at::Tensor& a, const at::Tensor*
         }
         continue;
       }
-      for (int64_t d0 = 0; d0 < d; d0 += kTile) {
-        const int64_t len = std::min(kTile, d - d0);
+      constexpr int64_t width = tile_width<T>();
+      for (int64_t d0 = 0; d0 < d; d0 += width) {
+        const int64_t len = std::min(width, d - d0);
         int64_t row_stride;
         const A* base = tile_rows(rows, b, n, d0, len, tile.data(), &row_stride);
-        pullback_tile(base, row_stride, len, n, ab, bb, rs, out + b * n * d, d, d0);
+        pullback_tile(rows, b, base, row_stride, len, n, ab, bb, rs, out + b * n * d, d, d0);
       }
     }
   });

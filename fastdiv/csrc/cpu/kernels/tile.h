@@ -4,7 +4,8 @@
 // kTile values, converted to the accumulation type. A tile of n rows (n * kTile * 4 bytes, 80 KiB for
 // n = 10) stays in L2 while all pairwise products of that tile are formed, so X is read from memory
 // once per pass however large n is. Tiles shorter than ~2048 values starve the hardware prefetcher
-// (each row segment is its own short stream): 512 ran the Gram ~2x slower on the CI-class CPU.
+// (each row segment is its own short stream): 512 ran the Gram ~2x slower on the CI-class CPU. Half-precision
+// rows are the exception (tile_width, prefetch_next_tile below): staged in narrower tiles, with a software prefetch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 
 namespace fastdiv::cpu::FASTDIV_ISA {
 
@@ -133,6 +135,39 @@ inline const acc_t<T>* tile_rows(const Rows<T>& x, int64_t b, int64_t n, int64_t
     load_tile(x, b, n, d0, len, tile);
     *row_stride = len;
     return tile;
+  }
+}
+
+// Half-precision rows are converted into a tile first, and that conversion pass is where X is read from
+// memory; the Gram or pullback that follows works on the tile in cache with no memory reads in flight, so
+// the two costs add up instead of overlapping as they do for fp32 rows (perf: a quarter of the bf16
+// Gram's time in the conversion loop, and the bf16 pass at 0.55x the fp32 one). Kernels therefore
+// prefetch rows [i0, i0 + rows) of the *next* tile of columns while they compute on the current one, a few
+// rows at a time so that the requests are spread over the compute instead of filling the miss queues at
+// once. Not used for fp32/fp64 rows, which the kernels read in place and the hardware prefetcher streams.
+//
+// The staged tile itself is narrower than kTile for half-precision rows (tile_width): n rows of 512 fp32
+// values (20 KiB at n = 10) stay in L1 between the conversion and the compute, where 2048 (80 KiB) went
+// out to L2 and back (the conversion loop was bound on its stores). The software prefetch keeps the rows'
+// memory streams going, which is what the wide tiles were for.
+template <typename T>
+constexpr int64_t tile_width() {
+  return std::is_same_v<T, acc_t<T>> ? kTile : kTile / 4;
+}
+
+template <typename T>
+inline void prefetch_next_tile(const Rows<T>& x, int64_t b, int64_t n, int64_t d, int64_t d0, int64_t i0,
+                               int64_t rows) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return;
+  } else {
+    const int64_t next = d0 + tile_width<T>();
+    if (next >= d) return;
+    const int64_t bytes = std::min(tile_width<T>(), d - next) * static_cast<int64_t>(sizeof(T));
+    for (int64_t i = i0; i < std::min(n, i0 + rows); ++i) {
+      const char* p = reinterpret_cast<const char*>(x.row(b, i) + next);
+      for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
+    }
   }
 }
 
