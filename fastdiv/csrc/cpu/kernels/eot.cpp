@@ -2,9 +2,9 @@
 // optional MI-FGSM momentum, step, projection onto the eps-ball around x0 and clamp to [lo, hi].
 //
 // One batch element per iteration. The mean gradient (then the momentum) lives in a D-long acc
-// buffer, so grads is read once whatever the norm: l_inf needs nothing else; l2 sums the direction's
-// norm while it forms the mean, then makes one pass for the norm of the stepped offset (which depends on
-// the direction's norm) and one to write, both over the buffer while it is still in cache. Norms are
+// buffer, so grads is read once whatever the norm: l_inf needs nothing else; l2 sums, while it forms the
+// mean, the direction's norm and the two sums that give the stepped offset's norm, then makes one pass
+// to write (MI-FGSM's l2 direction is the momentum, so there one pass more forms the offset's norm). Norms are
 // reduced in the accumulation type per block or tile and in double across them, as rows.cpp does.
 //
 // NaN/Inf propagate: sign(NaN) = NaN, and the clamps below pass NaN through (std::clamp does not
@@ -149,7 +149,10 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
       // l2 without momentum: ||mean||^2 is summed here, per kVec block in A and across blocks in double, so
       // the direction needs no pass of its own.
       const bool l2_sq_here = l2 && !mp;
-      double vsq = 0;
+      // ... and with them the two sums that give the stepped offset's norm without a pass of its own:
+      // delta = p + a v / ||v|| with p = x - x0, so ||delta||^2 = ||p||^2 + 2 (a / ||v||) <p, v> + a^2 (the last
+      // a^2 ||v||^2 / ||v||^2, written out below so a zero direction gives 0).
+      double vsq = 0, pp = 0, pv = 0;
       int64_t k0 = 0;
       for (; k0 + kVec <= d; k0 += kVec) {
         A acc[kVec];
@@ -166,15 +169,25 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
 #pragma omp simd
           for (int64_t j = 0; j < kVec; ++j) mean[j] = acc[j] / n_a;
           linf_write(xb + k0, x0b + k0, mean, a, e, clip, lo_a, hi_a, ob + k0, kVec);
-        } else {
-          A block_sq = 0;
-#pragma omp simd reduction(+ : block_sq)
+        } else if (l2_sq_here) {
+          A block_sq = 0, block_pp = 0, block_pv = 0;
+          const T* xk = xb + k0;
+          const T* x0k = x0b + k0;
+#pragma omp simd reduction(+ : block_sq, block_pp, block_pv)
           for (int64_t j = 0; j < kVec; ++j) {
             const A mean = acc[j] / n_a;
+            const A p = load_as<A>(xk[j]) - load_as<A>(x0k[j]);
             v[k0 + j] = mean;
             block_sq += mean * mean;
+            block_pp += p * p;
+            block_pv += p * mean;
           }
           vsq += static_cast<double>(block_sq);
+          pp += static_cast<double>(block_pp);
+          pv += static_cast<double>(block_pv);
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < kVec; ++j) v[k0 + j] = acc[j] / n_a;
         }
       }
       for (; k0 < d; ++k0) {  // the last d % kVec columns
@@ -185,7 +198,10 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
           linf_write(xb + k0, x0b + k0, &mean, a, e, clip, lo_a, hi_a, ob + k0, 1);
         } else {
           v[k0] = s / n_a;
+          const A p = load_as<A>(xb[k0]) - load_as<A>(x0b[k0]);
           vsq += static_cast<double>(v[k0] * v[k0]);
+          pp += static_cast<double>(p * p);
+          pv += static_cast<double>(p * v[k0]);
         }
       }
       if (direct) continue;
@@ -203,11 +219,21 @@ void eot_kernel(const at::Tensor& x, const at::Tensor& x0, const at::Tensor& g, 
         linf_write(xb, x0b, v, a, e, clip, lo_a, hi_a, ob, d);
         continue;
       }
-      if (!l2_sq_here) vsq = sum_sq(v, d);
-      const A inv = inv_or_zero<A>(std::sqrt(vsq));
-      // the stepped offset delta = (x + a v / ||v||) - x0 and its norm, then the write of x0 + delta f: delta
-      // is formed in both passes (the same expression, so the same values) instead of stored and re-read
-      const double norm = std::sqrt(l2_offset_sumsq(xb, x0b, v, a, inv, d));
+      double norm;
+      A inv;
+      if (l2_sq_here) {
+        const double vn = std::sqrt(vsq);
+        inv = inv_or_zero<A>(vn);
+        const double step = inv == A(0) ? 0.0 : static_cast<double>(a);  // ||a v / ||v||||; a NaN inv makes sq NaN
+        const double sq = pp + 2.0 * static_cast<double>(a) * static_cast<double>(inv) * pv + step * step;
+        // rounding can take a vanishing ||delta||^2 below 0; it is then < eps^2 either way (no projection)
+        norm = std::sqrt(sq < 0 ? 0.0 : sq);
+      } else {  // MI-FGSM: the direction is the momentum, known only now
+        inv = inv_or_zero<A>(std::sqrt(sum_sq(v, d)));
+        // the stepped offset delta = (x + a v / ||v||) - x0 and its norm, then the write of x0 + delta f: delta
+        // is formed in both passes (the same expression, so the same values) instead of stored and re-read
+        norm = std::sqrt(l2_offset_sumsq(xb, x0b, v, a, inv, d));
+      }
       // scale delta by min(1, eps / ||delta||); a zero (or NaN) norm leaves it unchanged
       const A f = norm > static_cast<double>(e) ? static_cast<A>(static_cast<double>(e) / norm) : A(1);
       l2_write(xb, x0b, v, a, inv, f, clip, lo_a, hi_a, ob, d);
