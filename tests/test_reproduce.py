@@ -81,6 +81,15 @@ def test_quick_reproduction_end_to_end(tmp_path, capsys):
         assert all(math.isfinite(v) for v in c["measured"]["defense"] + c["measured"]["baseline"]), c["id"]
     text = (out / "reproduction.md").read_text()
     assert text.startswith("# fastdiv reproduce") and all(f"`{c.id}`" in text for c in CLAIMS)
+    # every trained run is described: best.pt's epoch, and the posterior sigma of the Bayesian ones
+    diag = report["diagnostics"]
+    assert set(diag) == set(report["timing"])
+    for d in diag.values():
+        assert 1 <= d["best_epoch"] <= d["epochs"] and 0 <= d["best_val_acc"] <= 1
+    sig = diag["advbnn-s0"]["posterior_sigma"]
+    assert 0 < sig["min"] <= sig["q05"] <= sig["median"] <= sig["q95"] <= sig["max"] and sig["sigma0"] > 0
+    assert "posterior_sigma" not in diag["ensemble-s0"]  # deterministic members
+    assert "## Trained models" in text and "advbnn-s0" in text
     # a second call reuses the trained runs and the evaluations
     best = out / "runs" / "digits-quick" / "advbnn-s0" / "best.pt"
     stamp = best.stat().st_mtime_ns

@@ -40,6 +40,18 @@ def render_reproduction(report: dict) -> str:
         if c.get("notes"):
             items.insert(1, f"how measured: {c['notes']}")
         md.bullets(items)
+    if report.get("diagnostics"):
+        md.heading("Trained models", 2)
+        md.para("The epoch `best.pt` kept (the best validation accuracy among the epochs at the full λ, "
+                "docs/training.md) and, for Bayesian layers, the posterior standard deviation of the weights "
+                "(5 %, 50 %, 95 % quantiles) against the prior σ0 it starts from.")
+        rows = []
+        for key, d in report["diagnostics"].items():
+            sig = d.get("posterior_sigma")
+            rows.append([key, f"{d['best_epoch']} / {d['epochs']}", fmt_num(d["best_val_acc"]),
+                         "" if sig is None else f"{fmt_num(sig['q05'])}, {fmt_num(sig['median'])}, "
+                                                f"{fmt_num(sig['q95'])} (σ0 {fmt_num(sig['sigma0'])})"])
+        md.table(["run", "best epoch", "val acc", "posterior σ"], rows, align="lrrl")
     return md.text()
 
 

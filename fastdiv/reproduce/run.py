@@ -47,6 +47,7 @@ def reproduce(claims: Sequence[str] | None = None, *, size: str = "standard", da
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     measured: dict[tuple[str, int], dict[str, float]] = {}
     timing: dict[str, float] = {}
+    diagnostics: dict[str, dict] = {}
     tag = f"{dataset}-{size}"
     for seed in range(seeds):
         for arm in arms.values():
@@ -60,6 +61,7 @@ def reproduce(claims: Sequence[str] | None = None, *, size: str = "standard", da
             measured[(arm.name, seed)] = _measure(arm, run_dir, needs, dataset, spec, seed,
                                                   out / "evals" / tag / key, device, out / "runs" / tag)
             timing[key] = {"train_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1)}
+            diagnostics[key] = run_diagnostics(run_dir)
             say("      " + ", ".join(f"{k} {v:.4g}" for k, v in measured[(arm.name, seed)].items()))
     results = []
     for claim in chosen:
@@ -68,7 +70,7 @@ def reproduce(claims: Sequence[str] | None = None, *, size: str = "standard", da
         results.append({**claim.record(), "measured": {"defense": d, "baseline": b},
                         **judge(d, b, claim.better)})
     report = {"size": size, "dataset": dataset, "seeds": seeds, "settings": _jsonable(spec),
-              "eps": list(_eps(spec, dataset)), "claims": results, "timing": timing,
+              "eps": list(_eps(spec, dataset)), "claims": results, "timing": timing, "diagnostics": diagnostics,
               "total_s": round(time.perf_counter() - t_start, 1), "torch_version": torch.__version__,
               "threads": torch.get_num_threads()}
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,23 @@ def _measure(arm: Arm, run_dir: Path, needs: list[str], dataset: str, spec: dict
     for name in needs:
         with torch.random.fork_rng():
             out[name] = MEASURES[name](context)
+    return out
+
+
+def run_diagnostics(run_dir: Path) -> dict:
+    """What the trained model of a run is, beyond its scores: the epoch ``best.pt`` kept (of how many) and its
+    validation accuracy, and for Bayesian layers the posterior standard deviations ``exp(log_sigma)`` of all
+    weights against the prior ``sigma0``: whether the randomness was learned or stayed at its initialization."""
+    state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    config = json.loads((run_dir / "config.json").read_text())
+    out = {"best_epoch": int(state["epoch"]), "epochs": int(config["epochs"]), "best_val_acc": float(state["val_acc"])}
+    sigmas = [t.detach().double().exp().flatten() for name, t in state["model"].items() if name.endswith("_log_sigma")]
+    if sigmas:
+        s = torch.cat(sigmas)
+        q = torch.quantile(s[torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:1_000_000]],
+                           torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+        out["posterior_sigma"] = {"sigma0": float(config["sigma0"]), "q05": float(q[0]), "median": float(q[1]),
+                                  "q95": float(q[2]), "min": float(s.min()), "max": float(s.max())}
     return out
 
 
