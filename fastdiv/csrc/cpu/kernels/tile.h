@@ -52,6 +52,15 @@ Rows<T> rows_of(const at::Tensor& x) {
   return Rows<T>{x.const_data_ptr<T>(), x.stride(0), x.stride(1)};
 }
 
+// The compiler's native half-precision type, whose conversions are instructions (F16C / AVX-512 FP16 on
+// x86-64, FCVT on aarch64): x86-64 GCC has _Float16 in C++; aarch64 GCC 12 defines __FLT16_MAX__ but has
+// _Float16 only in C, and its C++ type for IEEE half is __fp16.
+#if defined(__aarch64__)
+#define FASTDIV_NATIVE_HALF __fp16
+#elif defined(__FLT16_MAX__)
+#define FASTDIV_NATIVE_HALF _Float16
+#endif
+
 // Element conversions between the storage type T and the accumulation type A, written so that loops
 // over them vectorize: c10's BFloat16 rounding branches on NaN, and its Half conversion is bit
 // manipulation, which left half-precision passes ~2x slower than fp32. Both round to nearest even,
@@ -64,8 +73,8 @@ inline A load_as(T v) {
     std::memcpy(&f, &bits, sizeof f);
     return static_cast<A>(f);
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef __FLT16_MAX__
-    _Float16 h;
+#ifdef FASTDIV_NATIVE_HALF
+    FASTDIV_NATIVE_HALF h;
     std::memcpy(&h, &v.x, sizeof h);
     return static_cast<A>(h);
 #else
@@ -86,8 +95,8 @@ inline T store_as(A v) {
     const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;  // keep NaN a (quiet) NaN, not rounded to Inf
     return T(static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded), T::from_bits());
   } else if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef __FLT16_MAX__
-    const _Float16 h = static_cast<_Float16>(static_cast<float>(v));
+#ifdef FASTDIV_NATIVE_HALF
+    const FASTDIV_NATIVE_HALF h = static_cast<FASTDIV_NATIVE_HALF>(static_cast<float>(v));
     uint16_t bits;
     std::memcpy(&bits, &h, sizeof bits);
     return T(bits, T::from_bits());
