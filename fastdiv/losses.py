@@ -41,39 +41,27 @@ __all__ = [
 
 
 def _gram_head(fn: str, head: str, grads: torch.Tensor, reference_fn: Callable, *, reduction: str,
-               sample_dim: int, eps: float, backend: str, **params) -> torch.Tensor:
-    """Shared body of the Gram-family losses: validate, pick a backend, evaluate, reduce."""
+               sample_dim: int, eps: float, backend: str, mean_head: Callable | None = None,
+               **params) -> torch.Tensor:
+    """Shared body of the Gram-family losses: validate, pick a backend, evaluate, reduce.
+
+    ``mean_head(m, x)``: for the losses that depend on the unit rows only through their mean
+    m = mean_i u_i (Omega_M = ||m||^2, R_kappa of rho = ||m||), the per-input loss on the [B, D] mean. On the
+    CPU such a loss takes the O(nD) column statistics (row norms and m in one read of X; a backward of one
+    read and one write, dX_i = (G - <G, u_i> u_i) / (n r_i) with G = dL/dm) instead of the n x n Gram, whose
+    forward and pullback cost O(n^2 D). The CUDA and Triton backends keep their Gram kernel."""
     check_reduction(reduction, fn)
     eps = check_positive(eps, "eps", fn)
     x = as_rows(grads, sample_dim, fn)
     be = resolve_backend(backend, x, fn)
     if be == "torch":
         per_input = reference_fn(x, eps=eps, **params)
+    elif be == "cpu" and mean_head is not None:
+        _, mean, _ = rows_ops.column_stats(x, eps, ns=NAMESPACES[be])
+        per_input = mean_head(mean, x)
     else:
         kernel_params = {k: (0.0 if v is None else v) for k, v in params.items()}
         per_input = gram_ops.gram_loss(x, head, eps=eps, ns=NAMESPACES[be], **kernel_params)
-    return reduce(per_input, reduction)
-
-
-def _resultant_head(fn: str, grads: torch.Tensor, reference_fn: Callable, head: Callable, *, reduction: str,
-                    sample_dim: int, eps: float, backend: str, **params) -> torch.Tensor:
-    """Shared body of the losses that depend on the unit rows only through their mean m = mean_i u_i
-    (Omega_M = ||m||^2, R_kappa of rho = ||m||). On the CPU they take the O(nD) column statistics (row
-    norms and m in one read of X; a backward of one read and one write, dX_i = (G - <G, u_i> u_i) / (n r_i)
-    with G = dL/dm) instead of the n x n Gram, whose forward and pullback cost O(n^2 D); ``head(m, x)``
-    is the per-input loss on the [B, D] mean. Other compiled backends keep their Gram kernel."""
-    check_reduction(reduction, fn)
-    eps = check_positive(eps, "eps", fn)
-    x = as_rows(grads, sample_dim, fn)
-    be = resolve_backend(backend, x, fn)
-    if be == "torch":
-        per_input = reference_fn(x, eps=eps, **params)
-    elif be == "cpu":
-        _, mean, _ = rows_ops.column_stats(x, eps, ns=NAMESPACES[be])
-        per_input = head(mean, x)
-    else:
-        kernel_params = {k: (0.0 if v is None else v) for k, v in params.items()}
-        per_input = gram_ops.gram_loss(x, fn_heads[fn], eps=eps, ns=NAMESPACES[be], **kernel_params)
     return reduce(per_input, reduction)
 
 
@@ -83,10 +71,6 @@ def _resultant_length(mean: torch.Tensor) -> torch.Tensor:
     sq = mean.square().sum(dim=-1)
     away = sq > 1e-20
     return torch.where(away, torch.where(away, sq, torch.ones_like(sq)).sqrt(), sq * 0)
-
-
-#: the Gram kernel head of each resultant loss (compiled backends other than the CPU)
-fn_heads = {"kappa_loss": "kappa", "mean_penalty": "mean_penalty"}
 
 
 def normalize(grads: torch.Tensor, *, sample_dim: int = 1, eps: float = EPS, backend: str = "auto") -> torch.Tensor:
@@ -166,8 +150,8 @@ def kappa_loss(grads: torch.Tensor, *, p: float | None = None, rho_max: float = 
         dim = float(x.shape[-1] if p is None else p)
         return reference.kappa_hat(_resultant_length(mean), dim, rho_max) / dim
 
-    return _resultant_head(fn, grads, reference.kappa_loss, head, reduction=reduction, sample_dim=sample_dim,
-                           eps=eps, backend=backend, p=p, rho_max=rho_max)
+    return _gram_head(fn, "kappa", grads, reference.kappa_loss, reduction=reduction, sample_dim=sample_dim,
+                      eps=eps, backend=backend, mean_head=head, p=p, rho_max=rho_max)
 
 
 def max_cosine_loss(grads: torch.Tensor, *, reduction: str = "mean", sample_dim: int = 1, eps: float = EPS,
@@ -195,8 +179,9 @@ def gal_loss(grads: torch.Tensor, *, reduction: str = "mean", sample_dim: int = 
 def mean_penalty(grads: torch.Tensor, *, reduction: str = "mean", sample_dim: int = 1, eps: float = EPS,
                  backend: str = "auto") -> torch.Tensor:
     """Diverse Directions Omega_M (eq. 14): ``sum_d E[u_d]^2 = rho_hat^2``."""
-    return _resultant_head("mean_penalty", grads, reference.mean_penalty, lambda mean, _: mean.square().sum(dim=-1),
-                           reduction=reduction, sample_dim=sample_dim, eps=eps, backend=backend)
+    return _gram_head("mean_penalty", "mean_penalty", grads, reference.mean_penalty, reduction=reduction,
+                      sample_dim=sample_dim, eps=eps, backend=backend,
+                      mean_head=lambda mean, _: mean.square().sum(dim=-1))
 
 
 def sparsity_penalty(grads: torch.Tensor, *, reduction: str = "mean", sample_dim: int = 1, eps: float = EPS,
