@@ -93,6 +93,8 @@ def test_quick_reproduction_end_to_end(tmp_path, capsys):
     # a second call reuses the trained runs and the evaluations
     best = out / "runs" / "digits-quick" / "advbnn-s0" / "best.pt"
     stamp = best.stat().st_mtime_ns
+    assert not any(t["run_reused"] for t in report["timing"].values())
     assert main(["reproduce", "graddiv-mrl", "--quick", "--seeds", "1", "--quiet", "--out", str(out)]) == 0
     assert best.stat().st_mtime_ns == stamp
+    assert all(t["run_reused"] for t in json.loads((out / "reproduction.json").read_text())["timing"].values())
     assert [c["id"] for c in json.loads((out / "reproduction.json").read_text())["claims"]] == ["graddiv-mrl"]

@@ -55,12 +55,15 @@ def reproduce(claims: Sequence[str] | None = None, *, size: str = "standard", da
             say(f"[seed {seed + 1}/{seeds}] {arm.name}: train ({arm.preset}"
                 + (", " + ", ".join(f"{k}={v}" for k, v in arm.overrides.items()) if arm.overrides else "") + ")")
             t0 = time.perf_counter()
+            reused = _complete(out / "runs" / tag / key)
             run_dir = _train(arm, dataset, spec, seed, out / "runs" / tag / key, device, quiet)
             t1 = time.perf_counter()
             needs = sorted({c.metric for c in chosen if arm.name in (c.defense.name, c.baseline.name)})
             measured[(arm.name, seed)] = _measure(arm, run_dir, needs, dataset, spec, seed,
                                                   out / "evals" / tag / key, device, out / "runs" / tag)
-            timing[key] = {"train_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1)}
+            # train_s of a reused run is the time to find it, not the time it took to train
+            timing[key] = {"train_s": round(t1 - t0, 1), "measure_s": round(time.perf_counter() - t1, 1),
+                           "run_reused": reused}
             diagnostics[key] = run_diagnostics(run_dir)
             say("      " + ", ".join(f"{k} {v:.4g}" for k, v in measured[(arm.name, seed)].items()))
     results = []
@@ -97,10 +100,15 @@ def _eps(spec: dict, dataset: str) -> tuple[float, ...]:
     return tuple(round(f * eps_train, 6) for f in spec["eps_factors"])
 
 
+def _complete(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run of an earlier call (reused instead of trained again)."""
+    return (run_dir / "best.pt").is_file() and (run_dir / "done.json").is_file()
+
+
 def _train(arm: Arm, dataset: str, spec: dict, seed: int, run_dir: Path, device: str, quiet: bool) -> Path:
     from ..train import train
 
-    if (run_dir / "best.pt").is_file() and (run_dir / "done.json").is_file():
+    if _complete(run_dir):
         return run_dir  # a complete run of an earlier call: reused
     if run_dir.exists():
         import shutil
