@@ -267,12 +267,15 @@ class RunSetup:
 
 def parameter_groups(model: nn.Module, sigma_lr: float | None) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer groups: one group, or with ``sigma_lr`` a second group of the
-    Bayesian layers' posterior ``*_log_sigma`` parameters at that learning rate (the schedule scales both
-    groups alike). A run of a few hundred steps at the weights' learning rate moves log sigma by at most
-    about lr per step, too little for the posterior std to learn (docs/training.md)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    sigma = [p for name, p in named if name.endswith("_log_sigma")]
+    Bayesian layers' posterior log sigma parameters (:meth:`BayesianLayer.gaussians`) at that learning rate
+    (the schedule scales both groups alike). A run of a few hundred steps at the weights' learning rate moves
+    log sigma by at most about lr per step, too little for the posterior std to learn (docs/training.md)."""
+    from ..nn.bayes import BayesianLayer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sigma = {id(log_sigma): log_sigma for m in model.modules() if isinstance(m, BayesianLayer)
+             for _, _, log_sigma in m.gaussians() if log_sigma.requires_grad}
     if sigma_lr is None or not sigma:
-        return [{"params": [p for _, p in named]}]
-    rest = [p for name, p in named if not name.endswith("_log_sigma")]
-    return [{"params": rest}, {"params": sigma, "lr": sigma_lr}]
+        return [{"params": trainable}]
+    return [{"params": [p for p in trainable if id(p) not in sigma]},
+            {"params": [p for p in trainable if id(p) in sigma], "lr": sigma_lr}]
